@@ -1,0 +1,92 @@
+"""What `ufw.train` and `ufw.sweep` share on the command line: data flags, `--set`, and
+turning user mistakes into one message and exit status 2 (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import yaml
+
+from ufw.config import PRESETS, ConfigError, UniversalConfig, preset
+from ufw.data import Corpus, load_corpus
+
+USER_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own usage errors also exit 2
+        self.exit(USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def parser(prog: str, description: str) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description=description)
+    data = p.add_argument_group("data (DESIGN.md section 6)")
+    data.add_argument("--data", default="python-docs",
+                      help="python-docs (offline, default) or wikitext2[:DIR]")
+    data.add_argument("--train-file", help="any UTF-8 text file to train on")
+    data.add_argument("--val-file", help="any UTF-8 text file to validate on")
+    data.add_argument("--train-chars", type=int, help="use the first N training characters")
+    data.add_argument("--val-chars", type=int, help="use the first N validation characters")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (YAML syntax), e.g. --set max_epochs=2 "
+                        "--set layer_weights.1=0.5; repeatable")
+    return p
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: value is not valid YAML") from None
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> UniversalConfig:
+    config = preset(args.preset) if args.preset else UniversalConfig.from_yaml(args.config)
+    overrides = parse_sets(args.set)
+    if getattr(args, "seed", None) is not None:
+        overrides["seed"] = args.seed
+    return config.with_overrides(overrides)
+
+
+def corpus_from_args(args: argparse.Namespace, config: UniversalConfig) -> Corpus:
+    for flag in ("train_chars", "val_chars"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be a positive integer")
+    return load_corpus(args.data, args.train_file, args.val_file, args.train_chars,
+                       args.val_chars, config.batch_size, config.seq_len)
+
+
+def check_device(device: str) -> str:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {device!r}; e.g. cpu, cuda, cuda:0") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a ConfigError into one line on stderr and exit status 2."""
+    try:
+        yield
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR)

@@ -1,0 +1,181 @@
+"""The early-exit character LM, written once for a whole population of K members.
+
+Every parameter carries a leading member axis: member k of a population is an independent
+model with its own initialisation, and the population runs as batched matrix products
+(`torch.bmm`) instead of K separate models. K = 1 is a plain single model.
+
+Architecture (DESIGN.md section 1): token embedding, `num_layers` post-norm blocks
+RMSNorm(x + Attn(x)), RMSNorm(x + GLU-FFN(x)) with rotary causal attention, and ONE output
+head shared by every exit, so the logits of layer i are head(h_i). No biases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What members of one population must share."""
+
+    vocab_size: int
+    dim: int = 64
+    num_layers: int = 3
+    num_heads: int = 4
+    num_experts: int = 1  # 1: a dense GLU FFN; more: a top-k Mixture of Experts
+    experts_top_k: int = 1
+    learned_confidence: bool = False  # a confidence head per exit (sigmoid of a linear map)
+    exits: tuple[int, ...] = (1,)
+
+    @classmethod
+    def of(cls, config, vocab_size: int) -> ModelShape:
+        return cls(vocab_size, config.dim, config.num_layers, config.num_heads,
+                   config.num_experts, config.experts_top_k,
+                   config.confidence_method == "learned", tuple(config.exits))
+
+
+def _trunc_normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    t = torch.empty(shape)
+    return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std, generator=gen)
+
+
+def init_member(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
+    """One member's parameters, drawn on the CPU from its own seed in a fixed order.
+
+    Drawing per member (not per population) is what makes member k of a population start
+    exactly where a single run with the same seed starts.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    d, f, e = shape.dim, 4 * shape.dim, shape.num_experts
+    std = 1 / math.sqrt(d)
+    params = {"embed": _trunc_normal((shape.vocab_size, d), 0.02, gen)}
+    for i in range(1, shape.num_layers + 1):
+        params[f"{i}.wqkv"] = _trunc_normal((d, 3 * d), std, gen)
+        params[f"{i}.wo"] = _trunc_normal((d, d), std, gen)
+        params[f"{i}.norm1"] = torch.ones(d)
+        experts = (e,) if e > 1 else ()
+        params[f"{i}.w_gate"] = _trunc_normal((*experts, d, f), std, gen)
+        params[f"{i}.w_up"] = _trunc_normal((*experts, d, f), std, gen)
+        params[f"{i}.w_down"] = _trunc_normal((*experts, f, d), std, gen)
+        if e > 1:
+            params[f"{i}.router"] = _trunc_normal((d, e), std, gen)
+        params[f"{i}.norm2"] = torch.ones(d)
+    params["head"] = _trunc_normal((d, shape.vocab_size), std, gen)
+    if shape.learned_confidence:
+        for x in shape.exits:
+            params[f"conf{x}.w"] = _trunc_normal((d, 1), std, gen)
+            params[f"conf{x}.b"] = torch.zeros(1)
+    return params
+
+
+def layer_of(param_name: str) -> int | None:
+    """The block a parameter belongs to (for layer-wise LR), None for embedding/head."""
+    head = param_name.split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
+def rotary_tables(seq_len: int, head_dim: int, device, base: float = 10000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()  # [T, head_dim/2]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class EarlyExitLM(nn.Module):
+    """K members of the same shape; `forward` returns the hidden state after every block."""
+
+    def __init__(self, shape: ModelShape, seeds: list[int]):
+        super().__init__()
+        self.shape = shape
+        self.num_members = len(seeds)
+        members = [init_member(shape, s) for s in seeds]
+        self.params = nn.ParameterDict({
+            name.replace(".", "_"): nn.Parameter(torch.stack([m[name] for m in members]))
+            for name in members[0]
+        })
+        self.names = {name.replace(".", "_"): name for name in members[0]}
+
+    def p(self, name: str) -> torch.Tensor:
+        return self.params[name.replace(".", "_")]
+
+    def named_member_params(self):
+        """(dotted name, parameter with leading member axis)."""
+        return [(self.names[k], v) for k, v in self.params.items()]
+
+    # --------------------------------------------------------------- blocks
+    def _attention(self, h: torch.Tensor, i: int, rope) -> torch.Tensor:
+        K, B, T, D = h.shape
+        H = self.shape.num_heads
+        qkv = torch.bmm(h.reshape(K, B * T, D), self.p(f"{i}.wqkv"))
+        q, k, v = qkv.view(K * B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = out.transpose(1, 2).reshape(K, B * T, D)
+        return torch.bmm(out, self.p(f"{i}.wo")).view(K, B, T, D)
+
+    def _ffn(self, h: torch.Tensor, i: int):
+        """GLU FFN; with experts, each token uses its top-k experts (others get gate 0).
+
+        Returns the output and, for MoE, the Switch-style load-balancing loss per member.
+        """
+        K, B, T, D = h.shape
+        x = h.reshape(K, B * T, D)
+        if self.shape.num_experts == 1:
+            a = F.silu(torch.bmm(x, self.p(f"{i}.w_gate"))) * torch.bmm(x, self.p(f"{i}.w_up"))
+            return torch.bmm(a, self.p(f"{i}.w_down")).view(K, B, T, D), None
+        E, k = self.shape.num_experts, self.shape.experts_top_k
+        probs = torch.softmax(torch.bmm(x, self.p(f"{i}.router")), dim=-1)  # [K, N, E]
+        top_p, top_i = probs.topk(k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        # Every expert runs on every token (tiny models: one batched product beats gathering);
+        # the gates are exactly zero outside each token's top-k, so only those contribute.
+        a = (F.silu(torch.einsum("knd,kedf->kenf", x, self.p(f"{i}.w_gate")))
+             * torch.einsum("knd,kedf->kenf", x, self.p(f"{i}.w_up")))
+        y = torch.einsum("kenf,kefd,kne->knd", a, self.p(f"{i}.w_down"), gates)
+        routed = torch.zeros_like(probs).scatter(-1, top_i, 1.0 / k)  # share of assignments
+        balance = E * (routed.mean(1) * probs.mean(1)).sum(-1)  # [K]; 1.0 when uniform
+        self.last_gates = gates
+        return y.view(K, B, T, D), balance
+
+    def forward(self, x: torch.Tensor, upto: int | None = None):
+        """x: [B, T] token ids, shared by every member. Returns ([h_1..h_upto], balance loss)."""
+        T = x.shape[1]
+        rope = rotary_tables(T, self.shape.dim // self.shape.num_heads, x.device)
+        h = self.p("embed")[:, x]  # [K, B, T, D]
+        hidden, balance = [], None
+        for i in range(1, (upto or self.shape.num_layers) + 1):
+            h = rms_norm(h + self._attention(h, i, rope), self.p(f"{i}.norm1")[:, None, None])
+            ffn, bal = self._ffn(h, i)
+            h = rms_norm(h + ffn, self.p(f"{i}.norm2")[:, None, None])
+            hidden.append(h)
+            if bal is not None:
+                balance = bal if balance is None else balance + bal
+        return hidden, balance
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The shared head: [K, B, T, D] -> [K, B*T, V]."""
+        K, B, T, D = h.shape
+        return torch.bmm(h.reshape(K, B * T, D), self.p("head"))
+
+    def confidence_logit(self, h: torch.Tensor, exit_layer: int) -> torch.Tensor:
+        """Learned confidence head on an exit's hidden state: [K, B*T] logits of 'correct'."""
+        K, B, T, D = h.shape
+        w, b = self.p(f"conf{exit_layer}.w"), self.p(f"conf{exit_layer}.b")
+        return (torch.bmm(h.reshape(K, B * T, D), w) + b[:, None]).squeeze(-1)
+
+    def member_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's parameters alone (to save one model out of a population)."""
+        return {name: p[k].detach().cpu().clone() for name, p in self.named_member_params()}

@@ -1,0 +1,463 @@
+"""Training: K configurations of one shape trained at once as a population.
+
+`train(configs, corpus)` is the whole method of DESIGN.md section 1 as one function of its
+configurations (PureJaxRL's `make_train` idea): weighted multi-exit loss with per-member
+weights per epoch, AdamW with per-member, per-layer learning rates, per-member gradient
+clipping, routed evaluation, and early stopping per member. A member that stops is frozen
+(its learning rate becomes 0) and keeps its best metrics.
+
+`UniversalTrainer` keeps the seed framework's API (`create_optimizer`, `train_epoch`,
+`evaluate`) for one model on top of the same loss and evaluation code.
+
+Run `python -m ufw.train --preset asymmetric_best` for one run printed as a JSON row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import ufw
+from ufw.config import ConfigError, UniversalConfig
+from ufw.data import Corpus
+from ufw.model import EarlyExitLM, ModelShape, layer_of
+from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
+
+
+class Objective:
+    """Per-member loss and evaluation, for configurations that share one model shape."""
+
+    def __init__(self, configs: list[UniversalConfig], device: str | torch.device = "cpu",
+                 teacher: EarlyExitLM | None = None):
+        def per_member(values):
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        self.configs = configs
+        self.num_layers = configs[0].num_layers
+        self.exits = configs[0].exits
+        self.thresholds = per_member([c.thresholds for c in configs])  # [K, E]
+        self.distill_alpha = per_member([c.distillation_alpha for c in configs])
+        self.temperature = per_member([c.distillation_temperature for c in configs])
+        self.distill = any(c.distillation_alpha < 1 for c in configs)
+        self.conf_weight = per_member([c.confidence_loss_weight for c in configs])
+        self.moe_weight = per_member([c.moe_aux_weight for c in configs])
+        self.methods = sorted({c.confidence_method for c in configs})
+        self.method_index = torch.tensor([self.methods.index(c.confidence_method)
+                                          for c in configs], device=device)
+        self.teacher = teacher
+
+    def layer_weights(self, epoch: int) -> torch.Tensor:
+        """[K, L] loss weight of every layer for every member at this epoch."""
+        rows = []
+        for c in self.configs:
+            w = c.get_layer_weights(epoch, c.max_epochs)
+            rows.append([w[i] for i in range(1, self.num_layers + 1)])
+        return torch.tensor(rows, dtype=torch.float32, device=self.thresholds.device)
+
+    def loss(self, model: EarlyExitLM, x: torch.Tensor, y: torch.Tensor,
+             weights: torch.Tensor, active_layers: list[int]) -> torch.Tensor:
+        """Per-member training loss [K]: sum_i w_i * L_i, plus the extensions' terms.
+
+        Only `active_layers` (those some member weighs > 0) pay for head and CE, so a
+        standard LM costs one head, as the framework specifies.
+        """
+        K = model.num_members
+        learned = model.shape.learned_confidence
+        needed = sorted(set(active_layers) | (set(self.exits) if learned else set()))
+        self_distill = self.distill and self.teacher is None
+        hidden, balance = model(x, upto=self.num_layers if self_distill else max(needed))
+        targets = y.reshape(1, -1).expand(K, -1)
+        teacher_logp = self._teacher_log_probs(model, hidden, x) if self.distill else None
+        total = torch.zeros(K, device=x.device)
+        for i in needed:
+            logits = model.logits(hidden[i - 1])
+            if i in active_layers:
+                term = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                       reduction="none").view(K, -1).mean(-1)
+                if teacher_logp is not None and (i < self.num_layers or self.teacher):
+                    a = self.distill_alpha
+                    term = a * term + (1 - a) * self._kl(teacher_logp, logits)
+                total = total + weights[:, i - 1] * term
+            if learned and i in self.exits:
+                # The head learns to read the exit's state, not to reshape it: detached input.
+                conf = model.confidence_logit(hidden[i - 1].detach(), i)
+                right = (logits.detach().argmax(-1) == targets).float()
+                bce = F.binary_cross_entropy_with_logits(conf, right, reduction="none").mean(-1)
+                total = total + self.conf_weight * bce
+        if balance is not None:
+            total = total + self.moe_weight * balance
+        return total
+
+    def _teacher_log_probs(self, model, hidden, x) -> torch.Tensor:
+        """Softened teacher distribution: the model's own final exit, or a saved model's."""
+        if self.teacher is None:
+            logits = model.logits(hidden[-1]).detach()
+        else:
+            with torch.no_grad():
+                logits = self.teacher.logits(self.teacher(x)[0][-1])
+        return F.log_softmax(logits.float() / self.temperature[:, None, None], dim=-1)
+
+    def _kl(self, teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) at temperature T, times T^2 (Hinton et al.), per member."""
+        T = self.temperature[:, None, None]
+        student_logp = F.log_softmax(student_logits.float() / T, dim=-1)
+        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean(-1)
+        return kl * self.temperature ** 2
+
+    @torch.no_grad()
+    def evaluate(self, model: EarlyExitLM, batches) -> dict[str, torch.Tensor]:
+        """Routed metrics per member, plus the threshold curve, from one pass over `batches`."""
+        confs, ces, rights = [], [], []
+        for x, y in batches:
+            hidden, _ = model(x)
+            targets = y.reshape(1, -1).expand(model.num_members, -1)
+            conf_b, ce_b, right_b = [], [], []
+            for i in [*self.exits, self.num_layers]:
+                logits = model.logits(hidden[i - 1]).float()
+                ce_b.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                            reduction="none").view(targets.shape))
+                right_b.append(logits.argmax(-1) == targets)
+                if i != self.num_layers:
+                    conf_b.append(self._confidence(model, hidden[i - 1], logits, i))
+            confs.append(torch.stack(conf_b))
+            ces.append(torch.stack(ce_b))
+            rights.append(torch.stack(right_b))
+        conf, ce, right = torch.cat(confs, -1), torch.cat(ces, -1), torch.cat(rights, -1)
+        stats = routed_metrics(assign_exits(conf, self.thresholds), ce, right, self.exits,
+                               self.num_layers)
+        curve = threshold_curve(conf, ce, right, self.exits, self.num_layers)
+        stats.update({f"curve_{k}": v for k, v in curve.items()})
+        return stats
+
+    def _confidence(self, model, h, logits, exit_layer) -> torch.Tensor:
+        """Each member's own confidence measure: [K, N]."""
+        per_method = []
+        for method in self.methods:
+            if method == "learned":
+                per_method.append(torch.sigmoid(model.confidence_logit(h, exit_layer)))
+            else:
+                per_method.append(confidence(logits, method))
+        stacked = torch.stack(per_method)  # [M, K, N]
+        return stacked.gather(0, self.method_index[None, :, None].expand(1, *stacked.shape[1:]))[0]
+
+
+def active_layers(weights: torch.Tensor) -> list[int]:
+    """Layers (1-indexed) that any member weighs > 0 at this epoch."""
+    return [i + 1 for i in torch.nonzero(weights.cpu().amax(0) > 0).flatten().tolist()]
+
+
+class PopulationAdamW:
+    """AdamW (torch's defaults and update rule) whose learning rate is per member and layer.
+
+    Frozen members get learning rate 0 (and so no weight decay either): their parameters
+    stay exactly as they were.
+    """
+
+    def __init__(self, model: EarlyExitLM, configs: list[UniversalConfig],
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        device = next(model.parameters()).device
+        self.params = [p for _, p in model.named_member_params()]
+        self.lrs = [torch.tensor([c.lr * (c.lr_scale(layer) if layer else 1.0) for c in configs],
+                                 device=device)
+                    for layer in (layer_of(n) for n, _ in model.named_member_params())]
+        self.weight_decay = torch.tensor([c.weight_decay for c in configs], device=device)
+        self.grad_clip = torch.tensor([c.grad_clip for c in configs], device=device)
+        self.betas, self.eps = betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    def clip_(self) -> None:
+        """Clip each member's gradient to its own global norm (0 disables clipping)."""
+        grads = [p.grad for p in self.params]
+        norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+        coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(self.grad_clip > 0, coef, torch.ones_like(coef))
+        for g in grads:
+            g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        self.steps += 1
+        b1, b2 = self.betas
+        bias1, bias2 = 1 - b1 ** self.steps, math.sqrt(1 - b2 ** self.steps)
+        for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs):
+            shape = (-1, *[1] * (p.dim() - 1))
+            lr = (lr * active).view(shape)
+            p.mul_(1 - lr * self.weight_decay.view(shape))
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.sub_(lr / bias1 * m / (v.sqrt() / bias2 + self.eps))
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for mine, saved in zip(self.m + self.v, state["m"] + state["v"]):
+            mine.copy_(saved)
+        self.steps = state["steps"]
+
+
+@dataclass
+class MemberRecord:
+    """Early-stopping bookkeeping and best-epoch metrics of one member."""
+
+    status: str = "running"  # running, completed, failed
+    error: str = ""
+    best_ppl: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    epochs_run: int = 0
+    train_seconds: float = 0.0
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+class Population:
+    """K configurations of one shape, trained epoch by epoch as one model."""
+
+    def __init__(self, configs: list[UniversalConfig], corpus: Corpus,
+                 device: str | torch.device = "cpu"):
+        if not configs:
+            raise ConfigError("population: needs at least one configuration")
+        shapes = {c.shape_key for c in configs}
+        if len(shapes) > 1:
+            raise ConfigError("population: members must share dim, num_layers, num_heads, "
+                              "exits, experts, batch_size, seq_len, max_epochs and teacher")
+        self.configs = [c.validate() for c in configs]
+        self.device = torch.device(device)
+        self.corpus = corpus.to(self.device)
+        self.shape = ModelShape.of(configs[0], corpus.vocab_size)
+        self.model = EarlyExitLM(self.shape, [c.seed for c in configs]).to(self.device)
+        teacher = load_teacher(configs[0].teacher, self.device)
+        self.objective = Objective(self.configs, self.device, teacher)
+        self.optimizer = PopulationAdamW(self.model, self.configs)
+        self.members = [MemberRecord() for _ in configs]
+        self.epoch = 0
+        self.max_epochs = configs[0].max_epochs
+
+    @property
+    def finished(self) -> bool:
+        return all(m.status != "running" for m in self.members)
+
+    def _active(self) -> torch.Tensor:
+        return torch.tensor([m.status == "running" for m in self.members],
+                            dtype=torch.float32, device=self.device)
+
+    def train_epoch(self) -> torch.Tensor:
+        """One pass over the training batches; returns the mean loss per member [K]."""
+        weights = self.objective.layer_weights(self.epoch)
+        layers = active_layers(weights)
+        active = self._active()
+        total = torch.zeros(len(self.configs), device=self.device)
+        for x, y in zip(self.corpus.train_x, self.corpus.train_y):
+            loss = self.objective.loss(self.model, x, y, weights, layers)
+            loss.sum().backward()  # members share no parameters: one backward serves all
+            self.optimizer.clip_()
+            self.optimizer.step(active)
+            total += loss.detach()
+        return total / len(self.corpus.train_x)
+
+    def run_epoch(self) -> list[dict[str, Any]]:
+        """Train and evaluate one epoch; returns one row per member still running."""
+        start = time.perf_counter()
+        self.model.train()
+        train_loss = self.train_epoch().tolist()
+        self.model.eval()
+        stats = self.objective.evaluate(self.model, zip(self.corpus.val_x, self.corpus.val_y))
+        stats = {k: v.cpu() for k, v in stats.items()}
+        seconds = time.perf_counter() - start
+        rows = []
+        for k, (config, member) in enumerate(zip(self.configs, self.members)):
+            if member.status != "running":
+                continue
+            ppl = float(stats["ppl"][k])
+            member.epochs_run += 1
+            member.train_seconds += seconds
+            rows.append({"member": k, "epoch": self.epoch, "train_loss": train_loss[k],
+                         "val_ppl": ppl, "acc": float(stats["acc"][k]),
+                         "shallow_ratio": float(stats["shallow_ratio"][k]),
+                         "compute_cost": float(stats["compute_cost"][k]),
+                         "alpha": config.get_layer_weights(self.epoch)[config.exits[0]]})
+            if not (math.isfinite(ppl) and math.isfinite(train_loss[k])):
+                member.status = "failed"
+                member.error = f"diverged: non-finite loss or PPL at epoch {self.epoch}"
+            elif ppl < member.best_ppl:
+                member.best_ppl, member.best_epoch, member.bad_epochs = ppl, self.epoch, 0
+                member.best = _best_metrics(stats, k)
+            else:
+                member.bad_epochs += 1
+                if member.bad_epochs > config.patience:
+                    member.status = "completed"
+        self.epoch += 1
+        if self.epoch >= self.max_epochs:
+            for member in self.members:
+                if member.status == "running":
+                    member.status = "completed"
+        return rows
+
+    def results(self) -> list[dict[str, Any]]:
+        """One result row per member: its configuration, best-epoch metrics and provenance."""
+        rows = []
+        for k, (config, member) in enumerate(zip(self.configs, self.members)):
+            row = config.flat()
+            row.update(member=k, cohort_size=len(self.configs), best_ppl=member.best_ppl,
+                       best_epoch=member.best_epoch, epochs_run=member.epochs_run,
+                       train_seconds=member.train_seconds, status=member.status,
+                       error=member.error, **{**_empty_metrics(), **member.best},
+                       ufw_version=ufw.__version__, torch_version=torch.__version__,
+                       device=device_name(self.device), dataset=self.corpus.name)
+            if member.best_epoch < 0:
+                row["best_ppl"] = float("nan")
+            rows.append(row)
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly where it stopped."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "members": [vars(m).copy() for m in self.members], "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.members = [MemberRecord(**m) for m in state["members"]]
+        self.epoch = state["epoch"]
+
+    def save_member(self, k: int, path: str) -> None:
+        """Save member k as a standalone model (usable as a distillation teacher)."""
+        torch.save({"config": self.configs[k].to_dict(), "vocab_size": self.corpus.vocab_size,
+                    "state": self.model.member_state(k)}, path)
+
+
+def _best_metrics(stats: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
+    curve = [{"threshold": t, "ppl": float(stats["curve_ppl"][k, g]),
+              "compute_cost": float(stats["curve_compute_cost"][k, g]),
+              "shallow_ratio": float(stats["curve_shallow_ratio"][k, g])}
+             for g, t in enumerate(THRESHOLD_GRID)]
+    return {"acc": float(stats["acc"][k]), "shallow_ratio": float(stats["shallow_ratio"][k]),
+            "compute_cost": float(stats["compute_cost"][k]),
+            "exit_shares": json.dumps([round(float(s), 6) for s in stats["exit_shares"][k]]),
+            "threshold_curve": json.dumps(curve)}
+
+
+def _empty_metrics() -> dict[str, Any]:
+    nan = float("nan")
+    return {"acc": nan, "shallow_ratio": nan, "compute_cost": nan, "exit_shares": "[]",
+            "threshold_curve": "[]"}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def load_teacher(path: str, device: torch.device) -> EarlyExitLM | None:
+    """A saved ufw model (see `Population.save_member`) as a frozen teacher; None for 'self'."""
+    if path == "self":
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    config = UniversalConfig.from_dict(saved["config"])
+    teacher = EarlyExitLM(ModelShape.of(config, saved["vocab_size"]), [config.seed])
+    with torch.no_grad():
+        for name, p in teacher.named_member_params():
+            p.copy_(saved["state"][name][None])
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def train(configs: list[UniversalConfig], corpus: Corpus, device: str = "cpu",
+          on_epoch: Callable[[Population, list[dict]], None] | None = None,
+          state: dict | None = None) -> list[dict[str, Any]]:
+    """Train a population to the end; `on_epoch` sees each epoch's rows (report, checkpoint)."""
+    population = Population(configs, corpus, device)
+    if state is not None:
+        population.load_state_dict(state)
+    while not population.finished:
+        rows = population.run_epoch()
+        if on_epoch is not None:
+            on_epoch(population, rows)
+    return population.results()
+
+
+class UniversalTrainer:
+    """The seed framework's single-model API, on ufw's loss and evaluation."""
+
+    def __init__(self, config: UniversalConfig, vocab_size: int, device: str = "cpu"):
+        self.config = config.validate()
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.objective = Objective([config], self.device)
+
+    def create_model(self) -> EarlyExitLM:
+        shape = ModelShape.of(self.config, self.vocab_size)
+        return EarlyExitLM(shape, [self.config.seed]).to(self.device)
+
+    def create_optimizer(self, model: EarlyExitLM, base_lr: float | None = None):
+        """AdamW with one group per block at base_lr * scale; embedding and head at base_lr."""
+        base_lr = self.config.lr if base_lr is None else base_lr
+        groups: dict[int | None, list] = {}
+        for name, p in model.named_member_params():
+            groups.setdefault(layer_of(name), []).append(p)
+        return torch.optim.AdamW(
+            [{"params": ps, "name": f"layer_{layer}" if layer else "embedding_head",
+              "lr": base_lr * (self.config.lr_scale(layer) if layer else 1.0)}
+             for layer, ps in groups.items()],
+            lr=base_lr, weight_decay=self.config.weight_decay)
+
+    def compute_loss(self, model: EarlyExitLM, x: torch.Tensor, y: torch.Tensor,
+                     epoch: int = 0) -> torch.Tensor:
+        weights = self.objective.layer_weights(epoch)
+        return self.objective.loss(model, x, y, weights, active_layers(weights)).sum()
+
+    def train_epoch(self, model: EarlyExitLM, optimizer, train_batches, epoch: int = 0) -> float:
+        model.train()
+        total, count = 0.0, 0
+        for x, y in train_batches:
+            loss = self.compute_loss(model, x.to(self.device), y.to(self.device), epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+            optimizer.step()
+            total, count = total + loss.item(), count + 1
+        return total / max(1, count)
+
+    def evaluate(self, model: EarlyExitLM, val_batches) -> dict[str, float]:
+        model.eval()
+        batches = [(x.to(self.device), y.to(self.device)) for x, y in val_batches]
+        stats = self.objective.evaluate(model, batches)
+        return {k: float(stats[k][0]) for k in ("ppl", "acc", "shallow_ratio", "compute_cost")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ufw import cli
+
+    parser = cli.parser("python -m ufw.train", "Train one configuration; print its JSON row.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a named preset: " + ", ".join(cli.preset_names()))
+    source.add_argument("--config", help="a YAML file of UniversalConfig fields")
+    parser.add_argument("--seed", type=int, help="random seed (initialisation)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    args = parser.parse_args(argv)
+    with cli.user_errors():
+        config = cli.config_from_args(args)
+        corpus = cli.corpus_from_args(args, config)
+        device = cli.check_device(args.device)
+    row = train([config], corpus, device)[0]
+    row["preset"] = args.preset
+    # Strict JSON: NaN (no best epoch, no alpha schedule) becomes null.
+    row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
