@@ -220,6 +220,23 @@ class MemberRecord:
     train_seconds: float = 0.0
     best: dict[str, Any] = field(default_factory=dict)
 
+    def observe(self, epoch: int, ppl: float, patience: int) -> bool:
+        """Early stopping: True if this epoch is the new best.
+
+        The member stops when PPL has failed to improve for more than `patience` epochs
+        (patience 0: at the first epoch that is not better), or fails on a non-finite PPL.
+        """
+        if not math.isfinite(ppl):
+            self.status, self.error = "failed", f"diverged: non-finite loss or PPL at epoch {epoch}"
+            return False
+        if ppl < self.best_ppl:
+            self.best_ppl, self.best_epoch, self.bad_epochs = ppl, epoch, 0
+            return True
+        self.bad_epochs += 1
+        if self.bad_epochs > patience:
+            self.status = "completed"
+        return False
+
 
 class Population:
     """K configurations of one shape, trained epoch by epoch as one model."""
@@ -287,16 +304,10 @@ class Population:
                          "shallow_ratio": float(stats["shallow_ratio"][k]),
                          "compute_cost": float(stats["compute_cost"][k]),
                          "alpha": config.get_layer_weights(self.epoch)[config.exits[0]]})
-            if not (math.isfinite(ppl) and math.isfinite(train_loss[k])):
-                member.status = "failed"
-                member.error = f"diverged: non-finite loss or PPL at epoch {self.epoch}"
-            elif ppl < member.best_ppl:
-                member.best_ppl, member.best_epoch, member.bad_epochs = ppl, self.epoch, 0
+            if not math.isfinite(train_loss[k]):
+                ppl = math.nan
+            if member.observe(self.epoch, ppl, config.patience):
                 member.best = _best_metrics(stats, k)
-            else:
-                member.bad_epochs += 1
-                if member.bad_epochs > config.patience:
-                    member.status = "completed"
         self.epoch += 1
         if self.epoch >= self.max_epochs:
             for member in self.members:

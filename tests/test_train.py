@@ -1,0 +1,215 @@
+"""The trainer's arithmetic and the population invariant (DESIGN.md sections 1-2)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ufw.config import AlphaSchedule, preset
+from ufw.data import make_corpus, python_docs_text
+from ufw.routing import assign_exits, confidence, routed_metrics
+from ufw.train import MemberRecord, Population, PopulationAdamW, UniversalTrainer, train
+
+TINY = {"dim": 16, "num_heads": 2, "batch_size": 8, "seq_len": 32, "max_epochs": 4}
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    text = python_docs_text()
+    return make_corpus("python-docs-slice", text[:12000], text[-4000:], batch_size=8, seq_len=32)
+
+
+def tiny(name="standard_llm", **changes):
+    return preset(name).with_overrides({**TINY, **changes})
+
+
+def test_create_optimizer_lr_groups():
+    config = preset("layer_lr_decreasing")
+    trainer = UniversalTrainer(config, vocab_size=93)
+    model = trainer.create_model()
+    optimizer = trainer.create_optimizer(model, base_lr=1e-3)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx({"embedding_head": 1e-3, "layer_1": 1e-3, "layer_2": 5e-4,
+                                 "layer_3": 1e-4})
+    block2 = {id(p) for g in optimizer.param_groups if g["name"] == "layer_2"
+              for p in g["params"]}
+    assert block2 == {id(p) for n, p in model.named_member_params() if n.startswith("2.")}
+
+
+def test_loss_is_the_hand_computed_weighted_sum(corpus):
+    config = tiny("asymmetric_with_l2")  # weights 0.7 / 1.0 / 0.3
+    trainer = UniversalTrainer(config, corpus.vocab_size)
+    model = trainer.create_model()
+    x, y = corpus.train_x[0], corpus.train_y[0]
+    hidden, _ = model(x)
+    by_hand = sum(w * F.cross_entropy(model.logits(h)[0], y.flatten())
+                  for w, h in zip((0.7, 1.0, 0.3), hidden))
+    assert trainer.compute_loss(model, x, y).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_alpha_schedule_changes_the_loss_weights_per_epoch(corpus):
+    config = tiny("asymmetric_best", alpha_schedule=AlphaSchedule("linear", 0.9, 0.1),
+                  max_epochs=3)
+    trainer = UniversalTrainer(config, corpus.vocab_size)
+    model = trainer.create_model()
+    x, y = corpus.train_x[0], corpus.train_y[0]
+    hidden, _ = model(x)
+    ce = [F.cross_entropy(model.logits(h)[0], y.flatten()).item() for h in hidden]
+    for epoch, alpha in ((0, 0.9), (1, 0.5), (2, 0.1)):
+        expected = alpha * ce[0] + (1 - alpha) * ce[2]
+        assert trainer.compute_loss(model, x, y, epoch).item() == pytest.approx(expected, 1e-5)
+
+
+def test_routing_metrics_on_a_constructed_case():
+    # 8 tokens of one member; exit at layer 1 of 3; threshold 0.9
+    conf = torch.tensor([[[0.95, 0.5, 0.91, 0.2, 0.9, 0.1, 0.99, 0.3]]])  # [E=1, K=1, N=8]
+    exit_index = assign_exits(conf, torch.tensor([[0.9]]))
+    assert exit_index.tolist() == [[0, 1, 0, 1, 0, 1, 0, 1]]
+    ce = torch.stack([torch.full((1, 8), 1.0), torch.full((1, 8), 3.0)])
+    right = torch.stack([torch.ones(1, 8, dtype=torch.bool), torch.zeros(1, 8, dtype=torch.bool)])
+    m = routed_metrics(exit_index, ce, right, [1], 3)
+    assert m["shallow_ratio"].item() == pytest.approx(0.5)
+    assert m["compute_cost"].item() == pytest.approx((4 * 1 + 4 * 3) / (8 * 3))
+    assert m["ppl"].item() == pytest.approx(math.exp(2.0))
+    assert m["acc"].item() == pytest.approx(0.5)
+    # 0 disables routing; 1.0 routes only certain tokens
+    assert assign_exits(conf, torch.tensor([[0.0]])).tolist() == [[1] * 8]
+    certain = torch.tensor([[[1.0, 0.999]]])
+    assert assign_exits(certain, torch.tensor([[1.0]])).tolist() == [[0, 1]]
+
+
+def test_max_softmax_confidence():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    assert confidence(logits, "max_softmax").item() == pytest.approx(0.7)
+
+
+def test_early_stopping_at_first_worse_epoch_with_patience_0():
+    member = MemberRecord()
+    for epoch, ppl in enumerate([10.0, 9.0, 9.5, 8.0]):
+        member.observe(epoch, ppl, patience=0)
+        if member.status != "running":
+            break
+    assert (member.status, member.best_epoch, member.best_ppl, epoch) == ("completed", 1, 9.0, 2)
+    patient = MemberRecord()
+    for epoch, ppl in enumerate([10.0, 9.0, 9.5, 9.2, 8.0, 8.5, 8.6, 8.7]):
+        patient.observe(epoch, ppl, patience=2)
+        if epoch == 6:
+            assert patient.status == "running"  # 2 bad epochs: not more than patience yet
+    assert (patient.best_epoch, patient.status) == (4, "completed")
+
+
+def test_non_finite_ppl_fails_the_member():
+    member = MemberRecord()
+    member.observe(0, 5.0, 0)
+    member.observe(1, math.nan, 0)
+    assert member.status == "failed" and "diverged" in member.error and member.best_ppl == 5.0
+
+
+POPULATION = [
+    {"name": "standard_llm", "seed": 1},
+    {"name": "asymmetric_best", "seed": 2, "alpha_schedule": AlphaSchedule("cosine", 0.9, 0.5)},
+    {"name": "layer_lr_decreasing", "seed": 3, "lr": 2e-3},
+    {"name": "lpt_routing", "seed": 4, "patience": 1,
+         "alpha_schedule": AlphaSchedule("step", 0.8, 0.4, [1, 2])},
+]
+
+
+def test_population_members_match_single_runs(corpus):
+    configs = [tiny(**c) for c in POPULATION]
+    together = train(configs, corpus)
+    for config, row in zip(configs, together):
+        alone = train([config], corpus)[0]
+        assert row["best_epoch"] == alone["best_epoch"]
+        assert row["best_ppl"] == pytest.approx(alone["best_ppl"], rel=1e-4)
+        assert row["compute_cost"] == pytest.approx(alone["compute_cost"], rel=1e-4)
+        assert row["epochs_run"] == alone["epochs_run"]
+    assert len({round(r["best_ppl"], 3) for r in together}) == 4  # members really differ
+
+
+def test_same_seed_same_result(corpus):
+    a, b = (train([tiny("lpt_routing", seed=5)], corpus)[0] for _ in range(2))
+    assert (a["best_ppl"], a["best_epoch"], a["acc"]) == (b["best_ppl"], b["best_epoch"],
+                                                          b["acc"])
+    c = train([tiny("lpt_routing", seed=6)], corpus)[0]
+    assert c["best_ppl"] != a["best_ppl"]
+
+
+def test_population_adamw_matches_torch_adamw(corpus):
+    """K=1 population optimiser == torch.optim.AdamW + clip_grad_norm_ (the seed's loop)."""
+    config = tiny("layer_lr_decreasing", grad_clip=0.05)
+    trainer = UniversalTrainer(config, corpus.vocab_size)
+    reference, ours = trainer.create_model(), trainer.create_model()
+    optimizer = trainer.create_optimizer(reference)
+    trainer.train_epoch(reference, optimizer, corpus.train_batches[:3])
+    adamw = PopulationAdamW(ours, [config])
+    for x, y in corpus.train_batches[:3]:
+        trainer.compute_loss(ours, x, y).backward()
+        adamw.clip_()
+        adamw.step(torch.ones(1))
+    for (name, p), (_, q) in zip(reference.named_member_params(), ours.named_member_params()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_seed_api_evaluate_reports_routing(corpus):
+    trainer = UniversalTrainer(tiny("lpt_routing", routing_threshold=0.3), corpus.vocab_size)
+    model = trainer.create_model()
+    optimizer = trainer.create_optimizer(model, base_lr=3e-3)
+    loss = trainer.train_epoch(model, optimizer, corpus.train_batches)
+    stats = trainer.evaluate(model, corpus.val_batches)
+    assert set(stats) == {"ppl", "acc", "shallow_ratio", "compute_cost"}
+    assert math.isfinite(loss) and 1 < stats["ppl"] < corpus.vocab_size
+    assert 0 < stats["shallow_ratio"] < 1
+    assert stats["compute_cost"] == pytest.approx(1 - stats["shallow_ratio"] * 2 / 3, rel=1e-5)
+
+
+def test_stopped_member_is_frozen(corpus):
+    configs = [tiny(seed=1, max_epochs=6), tiny(seed=2, max_epochs=6, patience=5)]
+    population = Population(configs, corpus)
+    population.members[0].status = "completed"  # as if it had stopped early
+    before = {n: p[0].clone() for n, p in population.model.named_member_params()}
+    population.run_epoch()
+    for n, p in population.model.named_member_params():
+        assert torch.equal(p[0], before[n]), n
+        assert not torch.equal(p[1], before[n]), n
+
+
+def test_checkpoint_resume_gives_the_same_result(corpus):
+    config = tiny("asymmetric_best", max_epochs=3, patience=3)
+    straight = train([config], corpus)[0]
+    population = Population([config], corpus)
+    population.run_epoch()
+    state = population.state_dict()
+    resumed = train([config], corpus, state=state)[0]
+    assert resumed["best_ppl"] == pytest.approx(straight["best_ppl"], rel=1e-6)
+    assert resumed["epochs_run"] == straight["epochs_run"] == 3
+
+
+def test_train_cli_prints_one_json_row():
+    out = subprocess.run(
+        [sys.executable, "-m", "ufw.train", "--preset", "asymmetric_best", "--seed", "3",
+         "--train-chars", "6000", "--val-chars", "2000",
+         *[arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]],
+        capture_output=True, text=True, check=True).stdout
+    row = json.loads(out)
+    assert row["preset"] == "asymmetric_best" and row["seed"] == 3 and row["dim"] == 16
+    assert row["status"] == "completed" and row["best_ppl"] > 1
+    assert row["dataset"] == "python-docs"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "preset: unknown 'nope'"),
+    (["--preset", "lpt", "--set", "routing_threshold=1.5"], "routing_threshold"),
+    (["--preset", "lpt", "--set", "dimm=3"], "dimm: unknown config key"),
+    (["--preset", "lpt", "--data", "imagenet"], "--data: unknown corpus"),
+    (["--config", "/no/such.yaml"], "config file /no/such.yaml"),
+    (["--preset", "lpt", "--device", "gpu0"], "--device: unknown device 'gpu0'"),
+])
+def test_train_cli_bad_input_exits_2_without_traceback(args, message):
+    proc = subprocess.run([sys.executable, "-m", "ufw.train", *args], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
