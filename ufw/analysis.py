@@ -29,6 +29,8 @@ __all__ = [
     "AnalysisError",
     "best_configurations",
     "comparison_table",
+    "config_means",
+    "epoch_curves",
     "format_table",
     "importance",
     "load_results",
@@ -175,6 +177,14 @@ def _labels(df: pd.DataFrame, by: list[str]) -> pd.Series:
     for p in parts[1:]:
         label = label + ", " + p
     return label
+
+
+def _model_names(df: pd.DataFrame) -> pd.Series:
+    """Preset name, else config_id, else trial_id: what a row is called in plots and tables."""
+    for col in ("preset", "config_id"):
+        if col in df.columns:
+            return _labels(df, [col])
+    return df["trial_id"].map(str)
 
 
 def _resolve_by(trials: pd.DataFrame, by: str | Sequence[str] | None) -> list[str]:
@@ -348,10 +358,8 @@ def threshold_curves(trials: pd.DataFrame, average_seeds: bool = True) -> pd.Dat
     done = completed(trials)
     keys = [c for c in ("sweep", "trial_id", "member", "seed", "preset", "config_id")
             if c in done.columns]
-    label = _labels(done, ["preset"] if "preset" in done.columns else ["config_id"]) \
-        if ("preset" in done.columns or "config_id" in done.columns) else done["trial_id"].map(str)
     rows = []
-    for (_, row), name in zip(done.iterrows(), label):
+    for (_, row), name in zip(done.iterrows(), _model_names(done)):
         try:
             points = _curve(row["threshold_curve"])
         except (ValueError, TypeError) as exc:
@@ -429,7 +437,10 @@ def importance(
     CategoricalDistribution of the observed values as strings. A null value leaves the
     parameter out of that trial (conditional parameters). ``params`` defaults to every column
     that is not an identity/metric/provenance column (NON_PARAM_COLUMNS) and takes more than
-    one value; pass it explicitly when the results carry other metric columns.
+    one value; pass it explicitly when the results carry other metric columns. By default a
+    column identical to an earlier one (e.g. ``layer_weight_1`` derived from ``alpha_start``)
+    is left out, since two copies of one signal would split its importance between them;
+    ``result.attrs["aliases"]`` lists what was merged into which parameter.
 
     ``method``: ``"ped_anova"`` (default; PedAnovaImportanceEvaluator, no extra dependency;
     importance of reaching the best ``quantile`` of trials, default max(0.1, 5/n) so that at
@@ -445,15 +456,22 @@ def importance(
     _require(trials, (target,), "trials", "the frame")
     done = completed(trials)
     done = done[pd.to_numeric(done[target], errors="coerce").notna()]
+    explicit = params is not None
     if params is None:
         params = [c for c in done.columns if c not in NON_PARAM_COLUMNS and c != target]
     else:
         _require(done, list(params), "trials", "the frame")
-    dists = {}
+    dists, aliases, seen = {}, {}, {}
     for col in params:
         d = _distribution(done[col])
-        if d is not None:
-            dists[col] = d
+        if d is None:
+            continue
+        key = tuple(done[col].astype(str))  # a column equal to an earlier one (a derived value)
+        if explicit is False and key in seen:  # would split that one's importance with it
+            aliases.setdefault(seen[key], []).append(col)
+            continue
+        seen[key] = col
+        dists[col] = d
     if len(done) < 2 or not dists:
         raise AnalysisError(
             f"importance needs >= 2 completed trials and a parameter that varies "
@@ -494,10 +512,41 @@ def importance(
         optuna.logging.set_verbosity(verbosity)
     series = pd.Series(result, name="importance", dtype=float)
     series.index.name = "param"
+    series.attrs["aliases"] = aliases
     return series.sort_values(ascending=False, kind="stable")
 
 
 # ----------------------------------------------------------------------------- best configs
+
+METRIC_COLUMNS = ("best_ppl", "best_epoch", "acc", "shallow_ratio", "compute_cost",
+                  "epochs_run", "train_seconds")
+PER_ROW_COLUMNS = ("trial_id", "member", "seed", "status", "error", "threshold_curve")
+
+
+def config_means(
+    trials: pd.DataFrame, by: str = "config_id", extra: Sequence[str] = ()
+) -> pd.DataFrame:
+    """One row per configuration: its metrics averaged over its completed seeds.
+
+    Seed replicates share ``config_id`` (DESIGN section 4), so this is the level at which
+    configurations should be compared and plotted. Columns: ``by``, ``model`` (preset name,
+    else config_id), ``n_seeds``, the means of the metric columns (and of ``extra``),
+    ``ppl_std`` over seeds (NaN for one seed), then the configuration's own columns.
+    """
+    _require(trials, (by,), "trials", "the frame")
+    done = completed(trials)
+    if done.empty:
+        raise AnalysisError("no completed trials")
+    metrics = [c for c in dict.fromkeys([*METRIC_COLUMNS, *extra]) if c in done.columns]
+    done[metrics] = done[metrics].apply(pd.to_numeric, errors="coerce")
+    groups = done.groupby(by, sort=False, dropna=False)
+    config = groups.first().drop(columns=[c for c in (*metrics, *PER_ROW_COLUMNS)
+                                          if c in done.columns and c != by])
+    out = pd.concat([groups.size().rename("n_seeds"), groups[metrics].mean(),
+                     groups["best_ppl"].std().rename("ppl_std"), config], axis=1).reset_index()
+    out.insert(1, "model", _model_names(out) if by == "config_id" else out[by].map(str))
+    return out
+
 
 def best_configurations(
     trials: pd.DataFrame,
@@ -508,31 +557,44 @@ def best_configurations(
 
     ``objectives`` maps a column to ``"min"`` or ``"max"`` (default: PPL and compute cost, both
     minimised). Seeds of one configuration (same ``by``, default ``config_id``) are averaged
-    first, so a configuration is judged on its mean, not on one lucky seed. Returns one row per
-    Pareto-optimal configuration with its first row's config columns, ``n_seeds`` and the
-    objective means, sorted by the first objective (best first). With a single objective that
-    is the best configuration (and any exact ties).
+    first (config_means), so a configuration is judged on its mean, not on one lucky seed.
+    Returns the Pareto-optimal rows of config_means, sorted by the first objective (best
+    first). With a single objective that is the best configuration (and any exact ties).
     """
     objectives = dict(objectives or {"best_ppl": "min", "compute_cost": "min"})
     bad = {k: v for k, v in objectives.items() if v not in ("min", "max")}
     if not objectives or bad:
         raise AnalysisError(f"objectives must map columns to 'min' or 'max', got {objectives}")
     _require(trials, [by, *objectives], "trials", "the frame")
-    done = completed(trials)
-    if done.empty:
-        raise AnalysisError("no completed trials")
-    means = done.groupby(by, sort=False)[list(objectives)].mean()
-    first = done.groupby(by, sort=False).first()
-    drop = [c for c in objectives if c in first.columns]
-    out = first.drop(columns=drop + [c for c in ("trial_id", "member", "seed") if c in first])
-    out.insert(0, "n_seeds", done.groupby(by, sort=False).size())
-    out = pd.concat([means, out], axis=1)
+    means = config_means(trials, by=by, extra=list(objectives))
     sign = np.array([1.0 if d == "min" else -1.0 for d in objectives.values()])
-    values = means.to_numpy(dtype=float) * sign
+    values = means[list(objectives)].to_numpy(dtype=float) * sign
     ok = np.isfinite(values).all(axis=1)
-    front = out[ok][_non_dominated(values[ok])]
+    front = means[ok][_non_dominated(values[ok])]
     lead, how = next(iter(objectives.items()))
-    return front.sort_values(lead, ascending=how == "min", kind="stable").reset_index()
+    return front.sort_values(lead, ascending=how == "min", kind="stable").reset_index(drop=True)
+
+
+def epoch_curves(
+    trials: pd.DataFrame, epochs: pd.DataFrame, by: str | Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Mean validation PPL (and train loss) per group and epoch, over completed members.
+
+    Groups as comparison_table does, so learning curves line up with the table's rows. Members
+    stop early at different epochs; ``n`` says how many members each mean covers.
+    """
+    cols = _resolve_by(trials, by)
+    done = completed(trials)
+    if epochs.empty:
+        return pd.DataFrame(columns=["model", "epoch", "val_ppl", "train_loss", "n"])
+    keys = [c for c in ("sweep", "trial_id", "member") if c in done.columns and c in epochs]
+    names = done[keys].assign(model=_labels(done, cols)).drop_duplicates(keys)
+    joined = epochs.merge(names, on=keys, how="inner")
+    values = [c for c in ("val_ppl", "train_loss") if c in joined.columns]
+    grouped = joined.groupby(["model", "epoch"], sort=True)
+    out = grouped[values].mean()
+    out["n"] = grouped.size()
+    return out.reset_index()
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -549,7 +611,11 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """A human-readable version of comparison_table's output (strings, one CI column)."""
     pct = round(100 * table.attrs.get("confidence", 0.95))
     base = table.attrs.get("baseline")
-    out = pd.DataFrame({"Rank": table["rank"], "Model": table["model"], "Seeds": table["n_seeds"]})
+    model = table["model"]
+    if "preset" in table.columns:  # grouped by config_id: name the preset too
+        named = table["preset"].notna() & (table["preset"] != model)
+        model = model.where(~named, model + " (" + table["preset"].astype(str) + ")")
+    out = pd.DataFrame({"Rank": table["rank"], "Model": model, "Seeds": table["n_seeds"]})
     out["PPL"] = [_fmt(v) for v in table["ppl_mean"]]
     out[f"{pct}% CI"] = [
         f"[{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else "n/a (1 seed)"
@@ -564,9 +630,9 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             if not np.isfinite(change):
                 cells.append("")
             elif change == 0 and not np.isfinite(p):
-                cells.append(f"{change:+.1f}%")
+                cells.append("baseline")
             else:
-                mark = " *" if sig is True else ("" if sig is False else " (n/a)")
+                mark = " (n/a)" if pd.isna(sig) else (" *" if sig else "")
                 cells.append(f"{change:+.1f}%{mark}")
         out[f"PPL vs {base}"] = cells
         out["p"] = [f"{p:.3g}" if np.isfinite(p) else "" for p in table["p_value"]]
@@ -590,9 +656,13 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def _looks_numeric(col: pd.Series) -> bool:
-    values = [v for v in col if isinstance(v, str) and v]
-    return bool(values) and all(v.lstrip("+-").rstrip("% *").replace(".", "", 1).isdigit()
-                                for v in values)
+    """Right-align formatted numbers such as "+4.4% *" or "4.97e-05" like real numbers."""
+    values = [v.replace("(n/a)", "").rstrip(" *%") for v in col if isinstance(v, str) and v]
+    try:
+        [float(v) for v in values if v != "baseline"]
+    except ValueError:
+        return False
+    return bool(values)
 
 
 def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
