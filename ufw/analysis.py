@@ -29,7 +29,9 @@ __all__ = [
     "AnalysisError",
     "best_configurations",
     "comparison_table",
+    "completed",
     "config_means",
+    "display_table",
     "epoch_curves",
     "format_table",
     "importance",
@@ -38,6 +40,7 @@ __all__ = [
     "pareto_front",
     "threshold_curves",
     "threshold_pareto",
+    "to_markdown",
 ]
 
 # Columns the analysis cannot work without. Everything else is optional: a sweep that does not
