@@ -148,6 +148,13 @@ def test_worker_types_declare_gpu_and_scale_from_zero(config):
         assert 1 <= node["max_workers"] <= config["max_workers"], name
 
 
+def test_workers_can_write_trial_checkpoints_to_s3(config):
+    # ufw.sweep keeps Ray Tune's experiment (checkpoints) under --results, and
+    # trials checkpoint from the workers; `ray up` gives only the head a profile.
+    for name, node in _worker_types(config).items():
+        assert "IamInstanceProfile" in node["node_config"], name
+
+
 def test_setup_installs_this_checkout_without_torch_pin(config):
     assert config["file_mounts"].get("~/ufw") == "."
     setup = " ".join(config["setup_commands"])
