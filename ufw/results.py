@@ -1,0 +1,221 @@
+"""Sweep results as Parquet (DESIGN.md section 4): written by the sweep driver, read by anyone.
+
+Layout under `<results>/<sweep>/` (a local directory or any pyarrow filesystem URI such as
+`s3://bucket/results` or `file:///shared/results`):
+
+    trials/part-<trial_id>.parquet   one row per population member (configuration x seed)
+    epochs/part-<trial_id>.parquet   one row per member per epoch
+
+Every part is written to a hidden temporary name in its directory and then renamed, so a
+reader never sees half a file; a retried or resumed trial replaces its own part, so rows are
+never duplicated. Column types come from `UniversalConfig`'s annotations and the tables below,
+so that every part of a sweep has the same schema even when a value is null in one of them.
+
+`pandas.read_parquet("<results>/<sweep>/trials")` reads a sweep; `read_trials()` /
+`read_epochs()` do the same through pyarrow.fs (URIs) and unify schemas across parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ufw.config import UniversalConfig
+
+TRIALS, EPOCHS = "trials", "epochs"
+
+_PY_TO_ARROW = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
+
+# Columns beyond the configuration fields, with their types.
+RESULT_TYPES: dict[str, pa.DataType] = {
+    "sweep": pa.string(), "trial_id": pa.string(), "member": pa.int64(), "seed": pa.int64(),
+    "preset": pa.string(), "config_id": pa.string(), "cohort_size": pa.int64(),
+    "schedule": pa.string(), "alpha_start": pa.float64(), "alpha_end": pa.float64(),
+    "alpha_steps": pa.string(), "exit_layers": pa.string(), "exit_thresholds": pa.string(),
+    "best_ppl": pa.float64(), "best_epoch": pa.int64(), "acc": pa.float64(),
+    "shallow_ratio": pa.float64(), "compute_cost": pa.float64(), "exit_shares": pa.string(),
+    "threshold_curve": pa.string(), "epochs_run": pa.int64(), "train_seconds": pa.float64(),
+    "status": pa.string(), "error": pa.string(), "ufw_version": pa.string(),
+    "torch_version": pa.string(), "device": pa.string(), "dataset": pa.string(),
+    "node": pa.string(), "node_id": pa.string(), "gpu": pa.string(),
+    "epoch": pa.int64(), "train_loss": pa.float64(), "val_ppl": pa.float64(),
+    "alpha": pa.float64(),
+}
+_PREFIX_TYPES = {"layer_weight_": pa.float64(), "lr_scale_": pa.float64()}
+
+# The metric columns of a trials row, as a member that never finished an epoch has them.
+EMPTY_METRICS: dict[str, Any] = {
+    "best_ppl": math.nan, "best_epoch": -1, "acc": math.nan, "shallow_ratio": math.nan,
+    "compute_cost": math.nan, "exit_shares": "[]", "threshold_curve": "[]", "epochs_run": 0,
+    "train_seconds": 0.0,
+}
+
+
+def _config_types() -> dict[str, pa.DataType]:
+    hints = typing.get_type_hints(UniversalConfig)
+    return {f.name: _PY_TO_ARROW[hints[f.name]] for f in dataclasses.fields(UniversalConfig)
+            if hints[f.name] in _PY_TO_ARROW}
+
+
+COLUMN_TYPES = {**_config_types(), **RESULT_TYPES}
+
+
+def column_type(name: str, values: list[Any]) -> pa.DataType:
+    if name in COLUMN_TYPES:
+        return COLUMN_TYPES[name]
+    for prefix, t in _PREFIX_TYPES.items():
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return t
+    inferred = pa.array(values).type
+    return pa.string() if pa.types.is_null(inferred) else inferred
+
+
+def _cell(value: Any, t: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(t):
+        return str(value)
+    if pa.types.is_floating(t):
+        return float(value)
+    if pa.types.is_integer(t):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return int(value)
+    if pa.types.is_boolean(t):
+        return bool(value)
+    return value
+
+
+def to_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> pa.Table:
+    """Rows -> a typed table; `columns` fixes the column order (and adds missing ones)."""
+    names: list[str] = list(columns or [])
+    for row in rows:
+        names.extend(k for k in row if k not in names)
+    arrays, fields = [], []
+    for name in names:
+        values = [row.get(name) for row in rows]
+        t = column_type(name, values)
+        arrays.append(pa.array([_cell(v, t) for v in values], type=t))
+        fields.append(pa.field(name, t))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local directory or a URI (s3://, gs://, file://)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts if p)
+
+
+class ResultsWriter:
+    """Writes one trials part and one epochs part per finished Ray trial, atomically."""
+
+    def __init__(self, root: str, sweep: str):
+        self.root, self.sweep = root, sweep
+        self._fs: pafs.FileSystem | None = None
+        self._path = ""
+
+    def __getstate__(self):  # picklable (Ray keeps callbacks in tuner.pkl): no live filesystem
+        return {"root": self.root, "sweep": self.sweep, "_fs": None, "_path": ""}
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs, base = filesystem(self.root)
+            self._path = join(base, self.sweep)
+        return self._fs
+
+    def dir(self, kind: str) -> str:
+        _ = self.fs
+        return join(self._path, kind)
+
+    def part(self, kind: str, trial_id: str) -> str:
+        return join(self.dir(kind), f"part-{trial_id}.parquet")
+
+    def write(self, trial_id: str, rows: list[dict], epoch_rows: list[dict]) -> None:
+        """Epochs first, trials last: a trials part means the trial is fully recorded."""
+        self._write(EPOCHS, trial_id, epoch_rows)
+        self._write(TRIALS, trial_id, rows)
+
+    def _write(self, kind: str, trial_id: str, rows: list[dict]) -> None:
+        directory = self.dir(kind)
+        self.fs.create_dir(directory, recursive=True)
+        columns = self._known_columns(kind)
+        table = to_table(rows, columns)
+        final = self.part(kind, trial_id)
+        # A leading "." hides the temporary file from pyarrow/pandas dataset readers.
+        tmp = join(directory, f".part-{trial_id}.{uuid.uuid4().hex[:8]}.tmp")
+        pq.write_table(table, tmp, filesystem=self.fs)
+        self.fs.move(tmp, final)  # a rename on local and POSIX filesystems: atomic
+
+    def _known_columns(self, kind: str) -> list[str]:
+        """Columns of the sweep's existing parts, so that a new part matches them."""
+        for trial_id in sorted(self.trial_ids(kind)):
+            try:
+                return list(pq.read_schema(self.part(kind, trial_id), filesystem=self.fs).names)
+            except (OSError, pa.ArrowInvalid):
+                continue
+        return []
+
+    def trial_ids(self, kind: str = TRIALS) -> set[str]:
+        selector = pafs.FileSelector(self.dir(kind), allow_not_found=True)
+        ids = set()
+        for info in self.fs.get_file_info(selector):
+            name = info.base_name
+            if name.startswith("part-") and name.endswith(".parquet"):
+                ids.add(name[len("part-"):-len(".parquet")])
+        return ids
+
+    def delete(self, trial_id: str) -> None:
+        for kind in (TRIALS, EPOCHS):
+            path = self.part(kind, trial_id)
+            if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+                self.fs.delete_file(path)
+
+    def clean_temporary(self) -> None:
+        """Remove temporary files a killed driver left behind."""
+        for kind in (TRIALS, EPOCHS):
+            selector = pafs.FileSelector(self.dir(kind), allow_not_found=True)
+            for info in self.fs.get_file_info(selector):
+                if info.base_name.startswith(".part-") and info.base_name.endswith(".tmp"):
+                    self.fs.delete_file(info.path)
+
+
+def _read(uri: str, kind: str):
+    import pandas as pd
+
+    fs, base = filesystem(uri)
+    path = base if Path(base).name == kind else join(base, kind)
+    selector = pafs.FileSelector(path, allow_not_found=True)
+    files = [i.path for i in fs.get_file_info(selector)
+             if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")]
+    if not files:
+        return pd.DataFrame()
+    schemas = [pq.read_schema(f, filesystem=fs) for f in files]
+    dataset = ds.dataset(sorted(files), schema=pa.unify_schemas(schemas), filesystem=fs,
+                         format="parquet")
+    return dataset.to_table().to_pandas()
+
+
+def read_trials(uri: str):
+    """All trial rows of a sweep (`<results>/<sweep>` or its trials/ directory) as a DataFrame."""
+    return _read(uri, TRIALS)
+
+
+def read_epochs(uri: str):
+    """All epoch rows of a sweep as a DataFrame."""
+    return _read(uri, EPOCHS)

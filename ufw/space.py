@@ -1,0 +1,618 @@
+"""Search spaces: YAML files that say what a sweep varies, what it keeps fixed and what it optimises.
+
+A search space (see `search_spaces/*.yaml` and docs/sweep.md) has these top-level keys:
+
+    description: free text
+    fixed:       UniversalConfig values every configuration shares (may name a `preset`)
+    parameters:  name -> {type: float|int, low, high, log, step} or {type: categorical, choices}
+                 each with an optional `condition: {other_parameter: value or [values]}`
+    objectives:  [{metric: best_ppl, direction: minimize}, ...]   (1 or 2 entries)
+    defaults:    num_samples, cohort, seeds, max_concurrent
+    data:        data, train_file, val_file, train_chars, val_chars (the data flags)
+    sampler:     tpe | random | grid | nsga2, or {type: ..., seed: N, population_size: N}
+
+Parameter (and fixed) names are config keys: plain fields (`lr`, `routing_threshold`,
+`confidence_method`, ...), dotted keys into a per-layer mapping (`layer_weights.1`,
+`layer_lr_scales.2`, `exit_thresholds.1`), the alpha schedule's `alpha_start`, `alpha_end`,
+`schedule` (constant, linear, cosine, step, or none for no schedule) and `alpha_steps`, and
+`preset` (a categorical over preset names).
+
+`load_space()` validates everything, including one configuration built from every bound and
+choice, so that a bad space fails with `ConfigError` (one message naming the key) before any
+Ray or Optuna work starts. `SearchSpace.sample(trial)` is the define-by-run sampler: it asks
+an Optuna trial for each active parameter, in dependency order, honouring conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ufw.config import PRESETS, SCHEDULES, ConfigError, UniversalConfig
+
+TOP_LEVEL_KEYS = ("description", "fixed", "parameters", "objectives", "defaults", "data",
+                  "sampler")
+PARAM_TYPES = ("float", "int", "categorical")
+PARAM_KEYS = {"float": ("type", "low", "high", "log", "step", "condition"),
+              "int": ("type", "low", "high", "log", "step", "condition"),
+              "categorical": ("type", "choices", "condition")}
+# Metrics a trial reports per configuration (means over its seeds) that Optuna can optimise.
+METRICS = ("best_ppl", "acc", "shallow_ratio", "compute_cost", "train_seconds", "best_epoch")
+DIRECTIONS = ("minimize", "maximize")
+DEFAULT_KEYS = ("num_samples", "cohort", "seeds", "max_concurrent")
+# num_samples None: 8, or the whole grid with sampler grid.
+DEFAULTS = {"num_samples": None, "cohort": 1, "seeds": 1, "max_concurrent": None}
+DATA_KEYS = ("data", "train_file", "val_file", "train_chars", "val_chars")
+SAMPLERS = ("tpe", "random", "grid", "nsga2")
+SAMPLER_KEYS = ("type", "seed", "population_size", "n_startup_trials")
+ALPHA_KEYS = ("alpha_start", "alpha_end", "schedule", "alpha_steps")
+MAPPING_FIELDS = ("layer_weights", "layer_lr_scales", "exit_thresholds")
+# Fields that are not scalars: they can be fixed, but not swept as one parameter.
+STRUCTURED_FIELDS = (*MAPPING_FIELDS, "alpha_schedule", "exit_layers")
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(UniversalConfig))
+_FIELD_TYPES = typing.get_type_hints(UniversalConfig)
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def as_number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` as a string; make such strings the numbers they mean."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip()
+        return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
+    return value
+
+
+def is_numeric_key(name: str) -> bool:
+    """Keys whose values are numbers (so `1e-3` written in YAML means 0.001)."""
+    head, _, rest = name.partition(".")
+    if rest or name in ("alpha_start", "alpha_end"):
+        return head in MAPPING_FIELDS or name in ("alpha_start", "alpha_end")
+    return _FIELD_TYPES.get(name) in (int, float)
+
+
+def check_key(name: str, where: str) -> None:
+    """A parameter or fixed name must map onto a config value."""
+    label = f"{where} {name}" if where.startswith("--") else f"{where}.{name}"
+    head, dot, rest = name.partition(".")
+    if dot:
+        if head not in MAPPING_FIELDS:
+            raise ConfigError(f"{label}: unknown config key; dotted keys reach into "
+                              f"{', '.join(MAPPING_FIELDS)} (e.g. layer_weights.1)")
+        if not rest.isdigit():
+            raise ConfigError(f"{label}: after '{head}.' give a layer number, e.g. {head}.1")
+        return
+    if name in ALPHA_KEYS or name == "preset" or name in CONFIG_FIELDS:
+        return
+    raise ConfigError(f"{label}: unknown config key; allowed: config fields "
+                      f"({', '.join(CONFIG_FIELDS)}), dotted per-layer keys (layer_weights.N, "
+                      f"layer_lr_scales.N, exit_thresholds.N), {', '.join(ALPHA_KEYS)}, preset")
+
+
+def _steps(value: Any, key: str) -> list[int]:
+    """`alpha_steps` as a list of epochs: a list, or (for categoricals) a string '2,4'."""
+    if isinstance(value, str):
+        try:
+            return [int(s) for s in value.replace("[", "").replace("]", "").split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"{key}: expected epochs like '2,4', got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise ConfigError(f"{key}: expected a list of epochs (or a string '2,4'), got {value!r}")
+
+
+def build_config(*layers: dict[str, Any]) -> tuple[UniversalConfig, str | None]:
+    """One configuration from layers of values (fixed, sampled, --set), later layers winning.
+
+    Returns the validated config and the preset it started from (None if none).
+    """
+    preset_name = None
+    for layer in layers:
+        if "preset" in layer:
+            preset_name = layer["preset"]
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            raise ConfigError(f"preset: unknown {preset_name!r}; allowed: {', '.join(PRESETS)}")
+        data = PRESETS[preset_name].to_dict()
+    else:
+        data = UniversalConfig().to_dict()
+    alpha: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "preset":
+                continue
+            if key in ALPHA_KEYS:
+                alpha[key] = value
+                continue
+            head, dot, rest = key.partition(".")
+            if dot:
+                if head not in MAPPING_FIELDS:
+                    raise ConfigError(f"{key}: unknown config key; dotted keys reach into "
+                                      f"{', '.join(MAPPING_FIELDS)}")
+                sub = dict(data.get(head) or {})
+                try:
+                    sub[int(rest)] = value
+                except ValueError:
+                    raise ConfigError(f"{key}: after '{head}.' give a layer number") from None
+                data[head] = sub
+            else:
+                data[key] = value
+    if alpha:
+        schedule = data.get("alpha_schedule")
+        if dataclasses.is_dataclass(schedule):
+            schedule = dataclasses.asdict(schedule)
+        schedule = dict(schedule or {})
+        kind = alpha.get("schedule", schedule.get("schedule_type", "constant"))
+        if kind in (None, "none"):
+            data["alpha_schedule"] = None
+        else:
+            if kind not in SCHEDULES:
+                raise ConfigError(f"schedule: unknown {kind!r}; allowed: "
+                                  f"{', '.join(SCHEDULES)}, none")
+            schedule["schedule_type"] = kind
+            for key, target in (("alpha_start", "start"), ("alpha_end", "end")):
+                if key in alpha:
+                    schedule[target] = alpha[key]
+            if "alpha_steps" in alpha:
+                schedule["steps"] = _steps(alpha["alpha_steps"], "alpha_steps")
+            data["alpha_schedule"] = schedule
+    return UniversalConfig.from_dict(data), preset_name
+
+
+@dataclass
+class Parameter:
+    name: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list[Any] = field(default_factory=list)
+    condition: dict[str, list[Any]] = field(default_factory=dict)
+
+    def extremes(self) -> list[Any]:
+        """The values a validation config is built from: both bounds, or every choice."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+    def suggest(self, trial) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log,
+                                       step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log,
+                                     step=self.step or 1)
+        return trial.suggest_categorical(self.name, self.choices)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return all(name in values and values[name] in allowed
+                   for name, allowed in self.condition.items())
+
+
+@dataclass
+class Objective:
+    metric: str
+    direction: str
+
+    @property
+    def mode(self) -> str:  # Ray Tune's spelling
+        return "min" if self.direction == "minimize" else "max"
+
+    def worst(self) -> float:
+        return math.inf if self.direction == "minimize" else -math.inf
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    fixed: dict[str, Any]
+    parameters: list[Parameter]  # in sampling (dependency) order
+    objectives: list[Objective]
+    defaults: dict[str, Any]
+    data: dict[str, Any]
+    sampler: dict[str, Any]
+    description: str = ""
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, trial) -> dict[str, Any]:
+        """Define-by-run: ask `trial` for every active parameter, conditions honoured."""
+        values: dict[str, Any] = {}
+        for p in self.parameters:
+            if p.active(values):
+                values[p.name] = p.suggest(trial)
+        return values
+
+    def grid(self) -> dict[str, list[Any]]:
+        """Optuna GridSampler's search space (every parameter is categorical)."""
+        return {p.name: list(p.choices) for p in self.parameters}
+
+    @property
+    def grid_size(self) -> int:
+        return math.prod(len(p.choices) for p in self.parameters)
+
+    def make_sampler(self):
+        import optuna
+
+        kind = self.sampler["type"]
+        seed = self.sampler.get("seed")
+        if kind == "grid":
+            return optuna.samplers.GridSampler(self.grid(), seed=seed)
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(
+                population_size=self.sampler.get("population_size", 50), seed=seed)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=self.sampler.get("n_startup_trials", 10))
+
+    def create_study(self):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return optuna.create_study(sampler=self.make_sampler(),
+                                   directions=[o.direction for o in self.objectives])
+
+    # ------------------------------------------------------------------ configurations
+    def configs(self, params: dict[str, Any], overrides: dict[str, Any] | None = None,
+                seeds: int = 1) -> list[tuple[UniversalConfig, str | None]]:
+        """The `seeds` configurations of one sampled point: seeds base, base+1, ..."""
+        config, preset_name = build_config(self.fixed, params, overrides or {})
+        return [(dataclasses.replace(config, seed=config.seed + s), preset_name)
+                for s in range(seeds)]
+
+    def validate_configs(self, overrides: dict[str, Any] | None = None) -> UniversalConfig:
+        """Build one configuration per bound/choice of every parameter; return the first.
+
+        The others sit at their first value (low or first choice); a conditional parameter
+        is checked with its condition met. A bad value fails with ConfigError naming it.
+        """
+        overrides = overrides or {}
+        baseline = self._assignment({})
+        try:
+            first, _ = build_config(self.fixed, baseline, overrides)
+        except ConfigError as e:
+            where = "fixed" if not self.parameters else "fixed/parameters"
+            raise ConfigError(f"{where}: the space gives an invalid configuration: {e}") from None
+        for p in self.parameters:
+            for label, value in zip(("low", "high") if p.type != "categorical" else
+                                    itertools.repeat("choice"), p.extremes()):
+                assignment = self._assignment({p.name: value})
+                try:
+                    build_config(self.fixed, assignment, overrides)
+                except ConfigError as e:
+                    raise ConfigError(f"parameters.{p.name}: {label} {value!r} gives an invalid "
+                                      f"configuration: {e}") from None
+        return first
+
+    def _assignment(self, forced: dict[str, Any]) -> dict[str, Any]:
+        """First values of every parameter, with `forced` ones and their conditions met."""
+        wanted = dict(forced)
+        for name in list(forced):  # meet the conditions of forced parameters (transitively)
+            stack = [name]
+            while stack:
+                p = self.parameter(stack.pop())
+                for cond, allowed in p.condition.items():
+                    if cond not in wanted:
+                        wanted[cond] = allowed[0]
+                        stack.append(cond)
+        values: dict[str, Any] = {}
+        for p in self.parameters:
+            if p.active(values):
+                values[p.name] = wanted.get(p.name, p.extremes()[0])
+        return values
+
+    def parameter(self, name: str) -> Parameter:
+        return next(p for p in self.parameters if p.name == name)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def space_from_dict(data: dict[str, Any]) -> SearchSpace:
+    """The inverse of `SearchSpace.to_dict()` (a sweep's record of its space)."""
+    data = dict(data)
+    data["parameters"] = [Parameter(**p) for p in data["parameters"]]
+    data["objectives"] = [Objective(**o) for o in data["objectives"]]
+    return SearchSpace(**data)
+
+
+# ====================================================================== loading + validation
+def load_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"search space {path}: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"search space {path}: invalid YAML{where}: {problem}") from None
+    return parse_space(raw, name=path.stem)
+
+
+def parse_space(raw: Any, name: str = "space") -> SearchSpace:
+    """Validate a search space given as plain data (the parsed YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search space {name}: must be a mapping of "
+                          f"{', '.join(TOP_LEVEL_KEYS)}")
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{key}: unknown top-level key; allowed: "
+                              f"{', '.join(TOP_LEVEL_KEYS)}")
+    fixed = _parse_fixed(raw.get("fixed"))
+    parameters = _parse_parameters(raw.get("parameters"))
+    objectives = _parse_objectives(raw.get("objectives"))
+    defaults = _parse_defaults(raw.get("defaults"))
+    data = _parse_data(raw.get("data"))
+    sampler = _parse_sampler(raw.get("sampler"), objectives)
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise ConfigError("description: must be text")
+    overlap = sorted(set(fixed) & {p.name for p in parameters})
+    if overlap:
+        raise ConfigError(f"parameters.{overlap[0]}: also given in fixed; give it in one place")
+    space = SearchSpace(name, fixed, parameters, objectives, defaults, data, sampler, description)
+    if sampler["type"] == "grid":
+        for p in parameters:
+            if p.type != "categorical":
+                raise ConfigError(f"parameters.{p.name}: sampler grid needs categorical "
+                                  "parameters (list the grid values as choices)")
+            if p.condition:
+                raise ConfigError(f"parameters.{p.name}.condition: not supported with "
+                                  "sampler grid")
+        if not parameters:
+            raise ConfigError("parameters: sampler grid needs at least one parameter")
+    return space
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+    return value
+
+
+def _parse_fixed(raw: Any) -> dict[str, Any]:
+    fixed = {}
+    for key, value in _mapping(raw, "fixed").items():
+        key = str(key)
+        check_key(key, "fixed")
+        if key == "seed":
+            raise ConfigError("fixed.seed: the seeds of a sweep are 42, 43, ... (defaults.seeds "
+                              "sets how many); set the first one with --set seed=N")
+        if key == "preset" and value not in PRESETS:
+            raise ConfigError(f"fixed.preset: unknown {value!r}; allowed: {', '.join(PRESETS)}")
+        if key in MAPPING_FIELDS and isinstance(value, dict):
+            value = {k: as_number(v) for k, v in value.items()}
+        fixed[key] = as_number(value) if is_numeric_key(key) else value
+    return fixed
+
+
+def _parse_parameters(raw: Any) -> list[Parameter]:
+    params: dict[str, Parameter] = {}
+    for name, spec in _mapping(raw, "parameters").items():
+        name = str(name)
+        key = f"parameters.{name}"
+        check_key(name, "parameters")
+        if name in STRUCTURED_FIELDS:
+            raise ConfigError(f"{key}: a mapping or list field cannot be one parameter; sweep "
+                              f"its entries (e.g. {name}.1) or fix it under fixed")
+        if name == "seed":
+            raise ConfigError(f"{key}: seeds are not sampled; defaults.seeds trains every "
+                              "configuration with seeds 42, 43, ...")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{key}: must be a mapping like {{type: float, low: 0, high: 1}} "
+                              f"or {{type: categorical, choices: [...]}}, got {spec!r}")
+        kind = spec.get("type")
+        if kind is None:
+            raise ConfigError(f"{key}.type: missing; allowed: {', '.join(PARAM_TYPES)}")
+        if kind not in PARAM_TYPES:
+            raise ConfigError(f"{key}.type: unknown {kind!r}; allowed: {', '.join(PARAM_TYPES)}")
+        for k in spec:
+            if k not in PARAM_KEYS[kind]:
+                raise ConfigError(f"{key}.{k}: unknown key for type {kind}; allowed: "
+                                  f"{', '.join(PARAM_KEYS[kind])}")
+        condition = _parse_condition(spec.get("condition"), key)
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(f"{key}.choices: must be a non-empty list, got {choices!r}")
+            if is_numeric_key(name):
+                choices = [as_number(c) for c in choices]
+            for c in choices:
+                if c is not None and not isinstance(c, (bool, int, float, str)):
+                    raise ConfigError(f"{key}.choices: values must be numbers, text, booleans "
+                                      f"or null, got {c!r}")
+            if len(set(map(repr, choices))) != len(choices):
+                raise ConfigError(f"{key}.choices: repeated values in {choices}")
+            if name == "preset":
+                bad = [c for c in choices if c not in PRESETS]
+                if bad:
+                    raise ConfigError(f"{key}.choices: unknown preset {bad[0]!r}; allowed: "
+                                      f"{', '.join(PRESETS)}")
+            if name == "schedule":
+                bad = [c for c in choices if c not in (*SCHEDULES, "none")]
+                if bad:
+                    raise ConfigError(f"{key}.choices: unknown schedule {bad[0]!r}; allowed: "
+                                      f"{', '.join(SCHEDULES)}, none")
+            params[name] = Parameter(name, kind, choices=choices, condition=condition)
+            continue
+        bounds = {}
+        for bound in ("low", "high"):
+            if bound not in spec:
+                raise ConfigError(f"{key}.{bound}: missing (type {kind} needs low and high)")
+            value = as_number(spec[bound])
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind == "int":
+                ok = ok and float(value).is_integer()
+                value = int(value) if ok else value
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(f"{key}.{bound}: must be a finite {'integer' if kind == 'int' else 'number'}"
+                                  f", got {spec[bound]!r}")
+            bounds[bound] = float(value) if kind == "float" else value
+        low, high = bounds["low"], bounds["high"]
+        if low > high:
+            raise ConfigError(f"{key}: low {low} is greater than high {high}")
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise ConfigError(f"{key}.log: must be true or false, got {log!r}")
+        if log and low <= 0:
+            raise ConfigError(f"{key}.low: log: true needs low > 0, got {low}")
+        step = as_number(spec.get("step"))
+        if step is not None:
+            if not isinstance(step, (int, float)) or isinstance(step, bool) or step <= 0 or (
+                    kind == "int" and not float(step).is_integer()):
+                raise ConfigError(f"{key}.step: must be a positive "
+                                  f"{'integer' if kind == 'int' else 'number'}, got {step!r}")
+            if log:
+                raise ConfigError(f"{key}.step: cannot be combined with log: true")
+            step = int(step) if kind == "int" else float(step)
+        params[name] = Parameter(name, kind, low=low, high=high, log=log, step=step,
+                                 condition=condition)
+    # Conditions name other parameters (categorical ones, with values they can take).
+    for p in params.values():
+        for cond, allowed in p.condition.items():
+            key = f"parameters.{p.name}.condition.{cond}"
+            if cond not in params:
+                raise ConfigError(f"{key}: no parameter named {cond!r} in this space")
+            if cond == p.name:
+                raise ConfigError(f"{key}: a parameter cannot depend on itself")
+            other = params[cond]
+            if other.type != "categorical":
+                raise ConfigError(f"{key}: conditions need a categorical parameter; "
+                                  f"{cond} is {other.type}")
+            bad = [v for v in allowed if v not in other.choices]
+            if bad:
+                raise ConfigError(f"{key}: {bad[0]!r} is not among its choices {other.choices}")
+    return _dependency_order(params)
+
+
+def _parse_condition(raw: Any, key: str) -> dict[str, list[Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{key}.condition: must be a mapping like {{schedule: step}}, "
+                          f"got {raw!r}")
+    return {str(k): (list(v) if isinstance(v, list) else [v]) for k, v in raw.items()}
+
+
+def _dependency_order(params: dict[str, Parameter]) -> list[Parameter]:
+    """Parameters in file order, except that a condition's parameter comes before its users."""
+    ordered: list[Parameter] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join([*path, name])
+            raise ConfigError(f"parameters.{name}.condition: circular conditions ({cycle})")
+        state[name] = "visiting"
+        for cond in params[name].condition:
+            visit(cond, [*path, name])
+        state[name] = "done"
+        ordered.append(params[name])
+
+    for name in params:
+        visit(name, [])
+    return ordered
+
+
+def _parse_objectives(raw: Any) -> list[Objective]:
+    if raw is None:
+        return [Objective("best_ppl", "minimize")]
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 2:
+        raise ConfigError("objectives: must be a list of 1 or 2 entries like "
+                          "{metric: best_ppl, direction: minimize}")
+    objectives = []
+    for i, entry in enumerate(raw):
+        key = f"objectives[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{key}: must be a mapping {{metric: ..., direction: ...}}")
+        for k in entry:
+            if k not in ("metric", "direction"):
+                raise ConfigError(f"{key}.{k}: unknown key; allowed: metric, direction")
+        metric = entry.get("metric")
+        if metric not in METRICS:
+            raise ConfigError(f"{key}.metric: unknown {metric!r}; allowed: {', '.join(METRICS)}")
+        direction = entry.get("direction", "minimize")
+        if direction not in DIRECTIONS:
+            raise ConfigError(f"{key}.direction: unknown {direction!r}; allowed: "
+                              f"{', '.join(DIRECTIONS)}")
+        objectives.append(Objective(metric, direction))
+    if len({o.metric for o in objectives}) != len(objectives):
+        raise ConfigError("objectives: the same metric is listed twice")
+    return objectives
+
+
+def _parse_defaults(raw: Any) -> dict[str, Any]:
+    defaults = dict(DEFAULTS)
+    for key, value in _mapping(raw, "defaults").items():
+        if key not in DEFAULT_KEYS:
+            raise ConfigError(f"defaults.{key}: unknown key; allowed: {', '.join(DEFAULT_KEYS)}")
+        if value is None and key == "max_concurrent":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"defaults.{key}: must be a positive integer, got {value!r}")
+        defaults[key] = value
+    return defaults
+
+
+def _parse_data(raw: Any) -> dict[str, Any]:
+    data = {}
+    for key, value in _mapping(raw, "data").items():
+        if key not in DATA_KEYS:
+            raise ConfigError(f"data.{key}: unknown key; allowed: {', '.join(DATA_KEYS)}")
+        if key in ("train_chars", "val_chars"):
+            value = as_number(value)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ConfigError(f"data.{key}: must be a positive integer, got {value!r}")
+        elif value is not None and not isinstance(value, str):
+            raise ConfigError(f"data.{key}: must be text, got {value!r}")
+        data[key] = value
+    return data
+
+
+def _parse_sampler(raw: Any, objectives: list[Objective]) -> dict[str, Any]:
+    if raw is None:
+        raw = {"type": "nsga2" if len(objectives) > 1 else "tpe"}
+    elif isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sampler: must be one of {', '.join(SAMPLERS)} or a mapping "
+                          f"{{type: ..., seed: ...}}, got {raw!r}")
+    for k in raw:
+        if k not in SAMPLER_KEYS:
+            raise ConfigError(f"sampler.{k}: unknown key; allowed: {', '.join(SAMPLER_KEYS)}")
+    kind = raw.get("type", "tpe")
+    if kind not in SAMPLERS:
+        raise ConfigError(f"sampler.type: unknown {kind!r}; allowed: {', '.join(SAMPLERS)}")
+    for k in ("seed", "population_size", "n_startup_trials"):
+        v = raw.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ConfigError(f"sampler.{k}: must be a non-negative integer, got {v!r}")
+    if "population_size" in raw and kind != "nsga2":
+        raise ConfigError("sampler.population_size: only for sampler nsga2")
+    if "n_startup_trials" in raw and kind != "tpe":
+        raise ConfigError("sampler.n_startup_trials: only for sampler tpe")
+    if raw.get("population_size") is not None and raw["population_size"] < 2:
+        raise ConfigError("sampler.population_size: must be at least 2")
+    return {**raw, "type": kind}
