@@ -181,11 +181,16 @@ class UniversalConfig:
                 0 <= self.routing_threshold <= 1):
             fail("routing_threshold", "must be in [0, 1]", self.routing_threshold)
         if self.exit_layers is not None and (
-                not self.exit_layers or len(set(self.exit_layers)) != len(self.exit_layers)
-                or any(e not in range(1, self.num_layers) for e in self.exit_layers)):
-            fail("exit_layers", f"must be distinct layers in 1..{self.num_layers - 1}",
-                     self.exit_layers)
+                not isinstance(self.exit_layers, (list, tuple)) or not self.exit_layers
+                or len(set(self.exit_layers)) != len(self.exit_layers)
+                or any(not isinstance(e, int) or isinstance(e, bool)
+                       or e not in range(1, self.num_layers) for e in self.exit_layers)):
+            fail("exit_layers", f"must be a list of distinct layers in 1..{self.num_layers - 1}",
+                 self.exit_layers)
         if self.exit_thresholds is not None:
+            if not isinstance(self.exit_thresholds, dict):
+                fail("exit_thresholds", "must be a mapping exit layer -> threshold",
+                     self.exit_thresholds)
             if set(self.exit_thresholds) != set(self.exits):
                 fail("exit_thresholds", f"must give one threshold per exit {self.exits}",
                      self.exit_thresholds)
@@ -206,7 +211,8 @@ class UniversalConfig:
         if not isinstance(self.distillation_alpha, (int, float)) or not (
                 0 <= self.distillation_alpha <= 1):
             fail("distillation_alpha", "must be in [0, 1]", self.distillation_alpha)
-        if self.teacher != "self" and not Path(self.teacher).is_file():
+        if not isinstance(self.teacher, str) or (
+                self.teacher != "self" and not Path(self.teacher).is_file()):
             fail("teacher", "must be 'self' or the path of a saved ufw model", self.teacher)
         if self.experts_top_k > self.num_experts:
             fail("experts_top_k", f"must be <= num_experts={self.num_experts}",

@@ -79,6 +79,11 @@ def layer_of(param_name: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def is_confidence_head(param_name: str) -> bool:
+    """A parameter of a learned confidence head (trained on the detached hidden state)."""
+    return param_name.startswith("conf")
+
+
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
 
@@ -136,19 +141,29 @@ class EarlyExitLM(nn.Module):
         if self.shape.num_experts == 1:
             a = F.silu(torch.bmm(x, self.p(f"{i}.w_gate"))) * torch.bmm(x, self.p(f"{i}.w_up"))
             return torch.bmm(a, self.p(f"{i}.w_down")).view(K, B, T, D), None
-        E, k = self.shape.num_experts, self.shape.experts_top_k
-        probs = torch.softmax(torch.bmm(x, self.p(f"{i}.router")), dim=-1)  # [K, N, E]
-        top_p, top_i = probs.topk(k, dim=-1)
-        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        gates, balance = self.expert_gates(x, i)
         # Every expert runs on every token (tiny models: one batched product beats gathering);
         # the gates are exactly zero outside each token's top-k, so only those contribute.
         a = (F.silu(torch.einsum("knd,kedf->kenf", x, self.p(f"{i}.w_gate")))
              * torch.einsum("knd,kedf->kenf", x, self.p(f"{i}.w_up")))
         y = torch.einsum("kenf,kefd,kne->knd", a, self.p(f"{i}.w_down"), gates)
-        routed = torch.zeros_like(probs).scatter(-1, top_i, 1.0 / k)  # share of assignments
-        balance = E * (routed.mean(1) * probs.mean(1)).sum(-1)  # [K]; 1.0 when uniform
-        self.last_gates = gates
         return y.view(K, B, T, D), balance
+
+    def expert_gates(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing of tokens x [K, N, D] in block i: (gates [K, N, E], balance [K]).
+
+        A token's gates are its router probabilities of its top-k experts renormalised to sum
+        to 1, and exactly 0 for every other expert. The Switch Transformer load-balancing loss
+        is E * sum_e f_e * P_e (f_e: share of token-to-expert assignments, P_e: mean router
+        probability of expert e); it is 1.0 when the router or the assignments are uniform.
+        """
+        E, k = self.shape.num_experts, self.shape.experts_top_k
+        probs = torch.softmax(torch.bmm(x, self.p(f"{i}.router")), dim=-1)  # [K, N, E]
+        top_p, top_i = probs.topk(k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        routed = torch.zeros_like(probs).scatter(-1, top_i, 1.0 / k)  # share of assignments
+        balance = E * (routed.mean(1) * probs.mean(1)).sum(-1)  # [K]
+        return gates, balance
 
     def forward(self, x: torch.Tensor, upto: int | None = None):
         """x: [B, T] token ids, shared by every member. Returns ([h_1..h_upto], balance loss)."""

@@ -48,22 +48,27 @@ def assign_exits(confs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 
 
 def routed_metrics(exit_index: torch.Tensor, ce: torch.Tensor, correct: torch.Tensor,
-                   exit_depths: list[int], num_layers: int) -> dict[str, torch.Tensor]:
+                   exit_depths: list[int], num_layers: int,
+                   experts_top_k: int = 1) -> dict[str, torch.Tensor]:
     """PPL, accuracy, shares and compute cost of a routing, per member.
 
     exit_index [K, N] from `assign_exits`; ce, correct: [E+1, K, N] per exit, final last.
-    compute_cost = sum over tokens of the depth they ran to / (tokens * num_layers).
+    compute_cost = sum over tokens of the depth they ran to / (tokens * num_layers), in layer
+    units; expert_ffns_per_token = mean depth reached * experts_top_k, the FFNs (experts) a
+    token passes through (= mean depth for a dense FFN).
     """
     chosen = exit_index[None]
     token_ce = ce.gather(0, chosen)[0]
     token_correct = correct.gather(0, chosen)[0].float()
     depths = torch.tensor([*exit_depths, num_layers], device=ce.device, dtype=torch.float32)
     shares = torch.stack([(exit_index == e).float().mean(-1) for e in range(len(depths))], -1)
+    mean_depth = (shares * depths).sum(-1)
     return {
         "ppl": token_ce.mean(-1).exp(),
         "acc": token_correct.mean(-1),
         "shallow_ratio": 1 - shares[:, -1],
-        "compute_cost": (shares * depths).sum(-1) / num_layers,
+        "compute_cost": mean_depth / num_layers,
+        "expert_ffns_per_token": mean_depth * experts_top_k,
         "exit_shares": shares,  # [K, E+1]
     }
 

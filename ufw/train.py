@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import ufw
 from ufw.config import ConfigError, UniversalConfig
 from ufw.data import Corpus
-from ufw.model import EarlyExitLM, ModelShape, layer_of
+from ufw.model import EarlyExitLM, ModelShape, is_confidence_head, layer_of
 from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
 
 
@@ -75,16 +75,18 @@ class Objective:
         self_distill = self.distill and self.teacher is None
         hidden, balance = model(x, upto=self.num_layers if self_distill else max(needed))
         targets = y.reshape(1, -1).expand(K, -1)
-        teacher_logp = self._teacher_log_probs(model, hidden, x) if self.distill else None
+        teacher_logits = self._teacher_logits(model, hidden, x) if self.distill else None
         total = torch.zeros(K, device=x.device)
         for i in needed:
             logits = model.logits(hidden[i - 1])
             if i in active_layers:
                 term = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                        reduction="none").view(K, -1).mean(-1)
-                if teacher_logp is not None and (i < self.num_layers or self.teacher):
+                # The final exit is its own teacher under self-distillation: task loss only.
+                if teacher_logits is not None and (i < self.num_layers or self.teacher is not None):
                     a = self.distill_alpha
-                    term = a * term + (1 - a) * self._kl(teacher_logp, logits)
+                    kl = distillation_kl(teacher_logits, logits, self.temperature)
+                    term = a * term + (1 - a) * kl
                 total = total + weights[:, i - 1] * term
             if learned and i in self.exits:
                 # The head learns to read the exit's state, not to reshape it: detached input.
@@ -96,21 +98,12 @@ class Objective:
             total = total + self.moe_weight * balance
         return total
 
-    def _teacher_log_probs(self, model, hidden, x) -> torch.Tensor:
-        """Softened teacher distribution: the model's own final exit, or a saved model's."""
+    def _teacher_logits(self, model, hidden, x) -> torch.Tensor:
+        """The teacher's logits, without gradient: the model's own final exit, or a saved model's."""
         if self.teacher is None:
-            logits = model.logits(hidden[-1]).detach()
-        else:
-            with torch.no_grad():
-                logits = self.teacher.logits(self.teacher(x)[0][-1])
-        return F.log_softmax(logits.float() / self.temperature[:, None, None], dim=-1)
-
-    def _kl(self, teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) at temperature T, times T^2 (Hinton et al.), per member."""
-        T = self.temperature[:, None, None]
-        student_logp = F.log_softmax(student_logits.float() / T, dim=-1)
-        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean(-1)
-        return kl * self.temperature ** 2
+            return model.logits(hidden[-1]).detach()
+        with torch.no_grad():
+            return self.teacher.logits(self.teacher(x)[0][-1])
 
     @torch.no_grad()
     def evaluate(self, model: EarlyExitLM, batches) -> dict[str, torch.Tensor]:
@@ -132,7 +125,7 @@ class Objective:
             rights.append(torch.stack(right_b))
         conf, ce, right = torch.cat(confs, -1), torch.cat(ces, -1), torch.cat(rights, -1)
         stats = routed_metrics(assign_exits(conf, self.thresholds), ce, right, self.exits,
-                               self.num_layers)
+                               self.num_layers, model.shape.experts_top_k)
         curve = threshold_curve(conf, ce, right, self.exits, self.num_layers)
         stats.update({f"curve_{k}": v for k, v in curve.items()})
         return stats
@@ -149,9 +142,35 @@ class Objective:
         return stacked.gather(0, self.method_index[None, :, None].expand(1, *stacked.shape[1:]))[0]
 
 
+def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                    temperature: torch.Tensor | float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of the distributions softened by T, per member.
+
+    Logits [K, N, V] (a teacher with K = 1 serves every member); temperature a number or [K].
+    Mean over the N tokens of sum_v p_t(v) (log p_t(v) - log p_s(v)), times T^2 so that the
+    gradient keeps its scale across temperatures (Hinton et al., 2015). Returns [K].
+    """
+    T = torch.as_tensor(temperature, dtype=torch.float32, device=student_logits.device)
+    T = T.reshape(-1, 1, 1) if T.dim() else T
+    teacher_logp = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    student_logp = F.log_softmax(student_logits.float() / T, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean(-1)
+    return kl * T.reshape(-1) ** 2
+
+
 def active_layers(weights: torch.Tensor) -> list[int]:
     """Layers (1-indexed) that any member weighs > 0 at this epoch."""
     return [i + 1 for i in torch.nonzero(weights.cpu().amax(0) > 0).flatten().tolist()]
+
+
+def clip_groups(model: EarlyExitLM) -> list[list[torch.Tensor]]:
+    """Parameters whose gradients are clipped together: the language model, and (if any) the
+    learned confidence heads. Their loss reaches the heads only (detached input), so a shared
+    gradient norm would be its one way to rescale the language model's step."""
+    named = model.named_member_params()
+    groups = [[p for n, p in named if not is_confidence_head(n)],
+              [p for n, p in named if is_confidence_head(n)]]
+    return [g for g in groups if g]
 
 
 class PopulationAdamW:
@@ -165,6 +184,7 @@ class PopulationAdamW:
                  betas=(0.9, 0.999), eps: float = 1e-8):
         device = next(model.parameters()).device
         self.params = [p for _, p in model.named_member_params()]
+        self.clip_groups = clip_groups(model)
         self.lrs = [torch.tensor([c.lr * (c.lr_scale(layer) if layer else 1.0) for c in configs],
                                  device=device)
                     for layer in (layer_of(n) for n, _ in model.named_member_params())]
@@ -176,13 +196,17 @@ class PopulationAdamW:
         self.steps = 0
 
     def clip_(self) -> None:
-        """Clip each member's gradient to its own global norm (0 disables clipping)."""
-        grads = [p.grad for p in self.params]
-        norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
-        coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-        coef = torch.where(self.grad_clip > 0, coef, torch.ones_like(coef))
-        for g in grads:
-            g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+        """Clip each member's gradient to its own global norm (0 disables clipping).
+
+        Per clip group (see `clip_groups`): learned confidence heads are clipped apart.
+        """
+        for group in self.clip_groups:
+            grads = [p.grad for p in group]
+            norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            coef = torch.where(self.grad_clip > 0, coef, torch.ones_like(coef))
+            for g in grads:
+                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
@@ -254,7 +278,7 @@ class Population:
         self.corpus = corpus.to(self.device)
         self.shape = ModelShape.of(configs[0], corpus.vocab_size)
         self.model = EarlyExitLM(self.shape, [c.seed for c in configs]).to(self.device)
-        teacher = load_teacher(configs[0].teacher, self.device)
+        teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab)
         self.objective = Objective(self.configs, self.device, teacher)
         self.optimizer = PopulationAdamW(self.model, self.configs)
         self.members = [MemberRecord() for _ in configs]
@@ -345,7 +369,7 @@ class Population:
     def save_member(self, k: int, path: str) -> None:
         """Save member k as a standalone model (usable as a distillation teacher)."""
         torch.save({"config": self.configs[k].to_dict(), "vocab_size": self.corpus.vocab_size,
-                    "state": self.model.member_state(k)}, path)
+                    "vocab": self.corpus.vocab, "state": self.model.member_state(k)}, path)
 
 
 def _best_metrics(stats: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
@@ -355,14 +379,15 @@ def _best_metrics(stats: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
              for g, t in enumerate(THRESHOLD_GRID)]
     return {"acc": float(stats["acc"][k]), "shallow_ratio": float(stats["shallow_ratio"][k]),
             "compute_cost": float(stats["compute_cost"][k]),
+            "expert_ffns_per_token": float(stats["expert_ffns_per_token"][k]),
             "exit_shares": json.dumps([round(float(s), 6) for s in stats["exit_shares"][k]]),
             "threshold_curve": json.dumps(curve)}
 
 
 def _empty_metrics() -> dict[str, Any]:
     nan = float("nan")
-    return {"acc": nan, "shallow_ratio": nan, "compute_cost": nan, "exit_shares": "[]",
-            "threshold_curve": "[]"}
+    return {"acc": nan, "shallow_ratio": nan, "compute_cost": nan,
+            "expert_ffns_per_token": nan, "exit_shares": "[]", "threshold_curve": "[]"}
 
 
 def device_name(device: torch.device) -> str:
@@ -371,13 +396,24 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-def load_teacher(path: str, device: torch.device) -> EarlyExitLM | None:
-    """A saved ufw model (see `Population.save_member`) as a frozen teacher; None for 'self'."""
+def load_teacher(path: str, device: torch.device, vocab_size: int,
+                 vocab: list[str] | None = None) -> EarlyExitLM | None:
+    """A saved ufw model (see `Population.save_member`) as a frozen teacher; None for 'self'.
+
+    Its vocabulary must be the student's: the same size, and the same symbols where known.
+    """
     if path == "self":
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    config = UniversalConfig.from_dict(saved["config"])
-    teacher = EarlyExitLM(ModelShape.of(config, saved["vocab_size"]), [config.seed])
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        # The teacher's own teacher is history, not needed (nor, perhaps, still on disk).
+        config = UniversalConfig.from_dict({**saved["config"], "teacher": "self"})
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user mistake
+        raise ConfigError(f"teacher: cannot read {path} as a saved ufw model ({e})") from None
+    if saved["vocab_size"] != vocab_size or (vocab and saved.get("vocab", vocab) != vocab):
+        raise ConfigError(f"teacher: {path} was trained on another vocabulary "
+                          f"({saved['vocab_size']} symbols; this corpus has {vocab_size})")
+    teacher = EarlyExitLM(ModelShape.of(config, vocab_size), [config.seed])
     with torch.no_grad():
         for name, p in teacher.named_member_params():
             p.copy_(saved["state"][name][None])
@@ -405,7 +441,8 @@ class UniversalTrainer:
         self.config = config.validate()
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        self.objective = Objective([config], self.device)
+        teacher = load_teacher(config.teacher, self.device, vocab_size)
+        self.objective = Objective([config], self.device, teacher)
 
     def create_model(self) -> EarlyExitLM:
         shape = ModelShape.of(self.config, self.vocab_size)
@@ -436,7 +473,8 @@ class UniversalTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+                for group in clip_groups(model):
+                    torch.nn.utils.clip_grad_norm_(group, self.config.grad_clip)
             optimizer.step()
             total, count = total + loss.item(), count + 1
         return total / max(1, count)
@@ -462,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         config = cli.config_from_args(args)
         corpus = cli.corpus_from_args(args, config)
         device = cli.check_device(args.device)
-    row = train([config], corpus, device)[0]
+        # Still a user error while training starts: a teacher of another vocabulary.
+        row = train([config], corpus, device)[0]
     row["preset"] = args.preset
     # Strict JSON: NaN (no best epoch, no alpha schedule) becomes null.
     row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
