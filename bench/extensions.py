@@ -177,11 +177,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="which variants (the baseline is always included)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (dim 16, 2 epochs, 8000 characters): a smoke test")
+    parser.add_argument("--out", help="result file name in bench/results (default "
+                                      "extensions.json, extensions_quick.json with --quick)")
     args = parser.parse_args(argv)
     if not (args.train_file or args.val_file) and args.data == "python-docs":
+        # the reference benchmark (shared/data/README.md)
         args.train_file, args.val_file = str(SHARED / "test.txt"), str(SHARED / "valid.txt")
-        args.train_chars = args.train_chars or (8000 if args.quick else 100_000)
-        args.val_chars = args.val_chars or (2000 if args.quick else 10_000)
+        args.train_chars, args.val_chars = args.train_chars or 100_000, args.val_chars or 10_000
+    if args.quick:
+        args.train_chars, args.val_chars = min(args.train_chars or 8000, 8000), min(
+            args.val_chars or 2000, 2000)
     with cli.user_errors():
         overrides = {**(QUICK if args.quick else {}), **cli.parse_sets(args.set)}
         base = preset("asymmetric_best").with_overrides(overrides)
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         record["seconds"] = time.perf_counter() - start
     record["summary"] = summarise(rows, variants)
     record["rows"] = rows
-    path = save("extensions_quick.json" if args.quick else "extensions.json", record)
+    path = save(args.out or ("extensions_quick.json" if args.quick else "extensions.json"),
+                record)
     print(markdown(record["summary"]))
     print(f"\nwritten: {path}")
 
