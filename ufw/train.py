@@ -31,12 +31,14 @@ from ufw.data import Corpus
 from ufw.model import EarlyExitLM, ModelShape, is_confidence_head, layer_of
 from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
 
 class Objective:
     """Per-member loss and evaluation, for configurations that share one model shape."""
 
     def __init__(self, configs: list[UniversalConfig], device: str | torch.device = "cpu",
-                 teacher: EarlyExitLM | None = None):
+                 teacher: EarlyExitLM | None = None, precision: str = "fp32"):
         def per_member(values):
             return torch.tensor(values, dtype=torch.float32, device=device)
 
@@ -53,6 +55,19 @@ class Objective:
         self.method_index = torch.tensor([self.methods.index(c.confidence_method)
                                           for c in configs], device=device)
         self.teacher = teacher
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision: {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        # fp32 is exact and the default. tf32 rounds matrix-product inputs to 10 mantissa
+        # bits on tensor cores; bf16 also runs the forward pass in bfloat16 (autocast), with
+        # fp32 master weights, optimizer and losses. Both trade exactness for GPU speed.
+        self.device_type = torch.device(device).type
+        self.bf16 = precision == "bf16"
+        if precision in ("tf32", "bf16"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16)
 
     def layer_weights(self, epoch: int) -> torch.Tensor:
         """[K, L] loss weight of every layer for every member at this epoch."""
@@ -64,6 +79,11 @@ class Objective:
 
     def loss(self, model: EarlyExitLM, x: torch.Tensor, y: torch.Tensor,
              weights: torch.Tensor, active_layers: list[int]) -> torch.Tensor:
+        with self.autocast():
+            return self._loss(model, x, y, weights, active_layers)
+
+    def _loss(self, model: EarlyExitLM, x: torch.Tensor, y: torch.Tensor,
+              weights: torch.Tensor, active_layers: list[int]) -> torch.Tensor:
         """Per-member training loss [K]: sum_i w_i * L_i, plus the extensions' terms.
 
         Only `active_layers` (those some member weighs > 0) pay for head and CE, so a
@@ -109,20 +129,21 @@ class Objective:
     def evaluate(self, model: EarlyExitLM, batches) -> dict[str, torch.Tensor]:
         """Routed metrics per member, plus the threshold curve, from one pass over `batches`."""
         confs, ces, rights = [], [], []
-        for x, y in batches:
-            hidden, _ = model(x)
-            targets = y.reshape(1, -1).expand(model.num_members, -1)
-            conf_b, ce_b, right_b = [], [], []
-            for i in [*self.exits, self.num_layers]:
-                logits = model.logits(hidden[i - 1]).float()
-                ce_b.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                            reduction="none").view(targets.shape))
-                right_b.append(logits.argmax(-1) == targets)
-                if i != self.num_layers:
-                    conf_b.append(self._confidence(model, hidden[i - 1], logits, i))
-            confs.append(torch.stack(conf_b))
-            ces.append(torch.stack(ce_b))
-            rights.append(torch.stack(right_b))
+        with self.autocast():
+            for x, y in batches:
+                hidden, _ = model(x)
+                targets = y.reshape(1, -1).expand(model.num_members, -1)
+                conf_b, ce_b, right_b = [], [], []
+                for i in [*self.exits, self.num_layers]:
+                    logits = model.logits(hidden[i - 1]).float()
+                    ce_b.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                reduction="none").view(targets.shape))
+                    right_b.append(logits.argmax(-1) == targets)
+                    if i != self.num_layers:
+                        conf_b.append(self._confidence(model, hidden[i - 1], logits, i))
+                confs.append(torch.stack(conf_b))
+                ces.append(torch.stack(ce_b))
+                rights.append(torch.stack(right_b))
         conf, ce, right = torch.cat(confs, -1), torch.cat(ces, -1), torch.cat(rights, -1)
         stats = routed_metrics(assign_exits(conf, self.thresholds), ce, right, self.exits,
                                self.num_layers, model.shape.experts_top_k)
@@ -193,7 +214,7 @@ class PopulationAdamW:
         self.betas, self.eps = betas, eps
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
-        self.steps = 0
+        self.steps = torch.zeros((), device=device)
 
     def clip_(self) -> None:
         """Clip each member's gradient to its own global norm (0 disables clipping).
@@ -210,9 +231,11 @@ class PopulationAdamW:
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
+        # The step count lives on the device, so a step has no host sync and no Python
+        # number that changes from step to step (which would defeat graph capture).
         self.steps += 1
         b1, b2 = self.betas
-        bias1, bias2 = 1 - b1 ** self.steps, math.sqrt(1 - b2 ** self.steps)
+        bias1, bias2 = 1 - b1 ** self.steps, (1 - b2 ** self.steps).sqrt()
         for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs):
             shape = (-1, *[1] * (p.dim() - 1))
             lr = (lr * active).view(shape)
@@ -228,7 +251,7 @@ class PopulationAdamW:
     def load_state_dict(self, state: dict) -> None:
         for mine, saved in zip(self.m + self.v, state["m"] + state["v"]):
             mine.copy_(saved)
-        self.steps = state["steps"]
+        self.steps.copy_(state["steps"])
 
 
 @dataclass
@@ -266,7 +289,8 @@ class Population:
     """K configurations of one shape, trained epoch by epoch as one model."""
 
     def __init__(self, configs: list[UniversalConfig], corpus: Corpus,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", cuda_graphs: bool | None = None,
+                 compile: bool = False, precision: str = "fp32"):
         if not configs:
             raise ConfigError("population: needs at least one configuration")
         shapes = {c.shape_key for c in configs}
@@ -279,8 +303,18 @@ class Population:
         self.shape = ModelShape.of(configs[0], corpus.vocab_size)
         self.model = EarlyExitLM(self.shape, [c.seed for c in configs]).to(self.device)
         teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab)
-        self.objective = Objective(self.configs, self.device, teacher)
+        self.objective = Objective(self.configs, self.device, teacher, precision)
         self.optimizer = PopulationAdamW(self.model, self.configs)
+        # On a GPU a seed-scale epoch is thousands of tiny kernel launches: capture the whole
+        # epoch once as a CUDA graph and replay it (one launch per epoch). The graph reads
+        # its per-epoch inputs from these fixed buffers.
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
+        # Compiling fuses the loss's element-wise work (norms, rotary, GLU, cross-entropy).
+        self._loss = torch.compile(self.objective.loss) if compile else self.objective.loss
+        self._weights = self.objective.layer_weights(0)
+        self._active = torch.ones(len(configs), device=self.device)
+        self._total = torch.zeros(len(configs), device=self.device)
         self.members = [MemberRecord() for _ in configs]
         self.epoch = 0
         self.max_epochs = configs[0].max_epochs
@@ -289,23 +323,55 @@ class Population:
     def finished(self) -> bool:
         return all(m.status != "running" for m in self.members)
 
-    def _active(self) -> torch.Tensor:
-        return torch.tensor([m.status == "running" for m in self.members],
-                            dtype=torch.float32, device=self.device)
-
     def train_epoch(self) -> torch.Tensor:
         """One pass over the training batches; returns the mean loss per member [K]."""
         weights = self.objective.layer_weights(self.epoch)
-        layers = active_layers(weights)
-        active = self._active()
-        total = torch.zeros(len(self.configs), device=self.device)
+        layers = tuple(active_layers(weights))
+        self._weights.copy_(weights)
+        self._active.copy_(torch.tensor([m.status == "running" for m in self.members]))
+        if not self.cuda_graphs:
+            self._epoch_body(layers)
+        else:
+            if layers not in self._graphs:
+                self._graphs[layers] = self._capture(layers)
+            self._graphs[layers].replay()
+        return self._total / len(self.corpus.train_x)
+
+    def _epoch_body(self, layers: tuple[int, ...]) -> None:
+        self._total.zero_()
         for x, y in zip(self.corpus.train_x, self.corpus.train_y):
-            loss = self.objective.loss(self.model, x, y, weights, layers)
+            loss = self._loss(self.model, x, y, self._weights, list(layers))
             loss.sum().backward()  # members share no parameters: one backward serves all
             self.optimizer.clip_()
-            self.optimizer.step(active)
-            total += loss.detach()
-        return total / len(self.corpus.train_x)
+            self.optimizer.step(self._active)
+            self._total += loss.detach()
+
+    def _capture(self, layers: tuple[int, ...]) -> torch.cuda.CUDAGraph:
+        """Record one epoch as a CUDA graph (PyTorch's whole-network capture recipe).
+
+        The warm-up step that capture needs would train the model, so the state is saved
+        before it and restored after: capturing leaves the trajectory exactly as eager.
+        """
+        saved = [t.clone() for t in self._state_tensors()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            x, y = self.corpus.train_x[0], self.corpus.train_y[0]
+            loss = self._loss(self.model, x, y, self._weights, list(layers))
+            loss.sum().backward()
+            self.optimizer.clip_()
+            self.optimizer.step(self._active)
+        torch.cuda.current_stream().wait_stream(stream)
+        for tensor, copy in zip(self._state_tensors(), saved):
+            tensor.copy_(copy)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._epoch_body(layers)
+        return graph
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        o = self.optimizer
+        return [p.data for p in o.params] + o.m + o.v + [o.steps]
 
     def run_epoch(self) -> list[dict[str, Any]]:
         """Train and evaluate one epoch; returns one row per member still running."""

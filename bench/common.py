@@ -1,0 +1,43 @@
+"""What every benchmark shares: the reference corpus and a JSON record of where it ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from ufw.data import Corpus, load_corpus
+
+# ../shared/data beside the checkout; UFW_WIKITEXT2 points elsewhere (e.g. on a GPU machine).
+SHARED = Path(os.environ.get("UFW_WIKITEXT2", Path(__file__).resolve().parents[1].parent
+                             / "shared" / "data" / "wikitext-2"))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def reference_corpus(batch_size: int = 32, seq_len: int = 64) -> Corpus:
+    """The seed benchmark of shared/data/README.md, or the offline corpus without shared/."""
+    if (SHARED / "test.txt").exists():
+        return load_corpus(train_file=str(SHARED / "test.txt"), val_file=str(SHARED / "valid.txt"),
+                           train_chars=100_000, val_chars=10_000, batch_size=batch_size,
+                           seq_len=seq_len)
+    return load_corpus("python-docs", train_chars=100_000, val_chars=10_000,
+                       batch_size=batch_size, seq_len=seq_len)
+
+
+def device_label(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def save(name: str, record: dict) -> Path:
+    record = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "torch_version": torch.__version__, **record}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
