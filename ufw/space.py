@@ -1,4 +1,4 @@
-"""Search spaces: YAML files that say what a sweep varies, what it keeps fixed and what it optimises.
+"""Search spaces: YAML files saying what a sweep varies, what it keeps fixed, what it optimises.
 
 A search space (see `search_spaces/*.yaml` and docs/sweep.md) has these top-level keys:
 
@@ -462,8 +462,8 @@ def _parse_parameters(raw: Any) -> list[Parameter]:
                 ok = ok and float(value).is_integer()
                 value = int(value) if ok else value
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
-                raise ConfigError(f"{key}.{bound}: must be a finite {'integer' if kind == 'int' else 'number'}"
-                                  f", got {spec[bound]!r}")
+                what = "integer" if kind == "int" else "number"
+                raise ConfigError(f"{key}.{bound}: must be a finite {what}, got {spec[bound]!r}")
             bounds[bound] = float(value) if kind == "float" else value
         low, high = bounds["low"], bounds["high"]
         if low > high:

@@ -36,30 +36,23 @@ os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # the progress line s
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state: often, it is small
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
-import optuna  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune import Callback, Checkpoint, CheckpointConfig, FailureConfig, RunConfig  # noqa: E402
-from ray.tune.search import Searcher  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+# Ray and Optuna are imported where they are used: a bad space fails fast, before loading them.
+import torch
 
-import ufw  # noqa: E402
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-from ufw import cli  # noqa: E402
-from ufw.config import ConfigError, UniversalConfig  # noqa: E402
-from ufw.data import load_corpus  # noqa: E402
-from ufw.results import EMPTY_METRICS, ResultsWriter, join, read_epochs, read_trials  # noqa: E402
-from ufw.space import (  # noqa: E402
+import ufw
+from ufw import cli
+from ufw.config import ConfigError, UniversalConfig
+from ufw.data import load_corpus
+from ufw.results import EMPTY_METRICS, ResultsWriter, join, read_epochs, read_trials
+from ufw.space import (
     Objective,
-    space_from_dict,
     SearchSpace,
     as_number,
     build_config,
     check_key,
     is_numeric_key,
     load_space,
+    space_from_dict,
 )
 
 SPEC = "ufw"  # the trial config's key for everything that is not a sampled value
@@ -173,6 +166,8 @@ def summary_metrics(spec: dict[str, Any], values: list[list[float] | None]) -> d
 
 
 def _device() -> tuple[str, str | None]:
+    import ray
+
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     if gpu_ids and torch.cuda.is_available():
         return "cuda", ",".join(gpu_ids)
@@ -181,6 +176,10 @@ def _device() -> tuple[str, str | None]:
 
 def run_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: train the trial's members epoch by epoch, report, resume."""
+    import ray
+    from ray import tune
+    from ray.tune import Checkpoint
+
     from ufw.train import Population
 
     spec = config[SPEC]
@@ -278,10 +277,11 @@ class DefineByRun:
         self.space.sample(trial)
 
 
-class CohortSearcher(Searcher):
+class _CohortSearcher:
     """Asks an Optuna study for `cohort` configurations per Ray trial; tells it each result.
 
     Picklable (the Optuna study lives in memory), so `Tuner.restore` continues the same study.
+    `CohortSearcher` is this on top of ray.tune.search.Searcher (see `__getattr__` below).
     """
 
     def __init__(self, space: SearchSpace, num_samples: int, cohort: int):
@@ -300,7 +300,7 @@ class CohortSearcher(Searcher):
         if trial_id in self.pending:  # asked again for the same trial: same points
             return {MEMBERS: [self.study.trials[n].params for n in self.pending[trial_id]]}
         if self.asked >= self.num_samples:
-            return Searcher.FINISHED
+            return "FINISHED"  # Searcher.FINISHED
         points, numbers = [], []
         for _ in range(min(self.cohort, self.num_samples - self.asked)):
             trial = self.study.ask()
@@ -312,6 +312,8 @@ class CohortSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
+        import optuna
+
         numbers = self.pending.pop(trial_id, None)
         if numbers is None:
             return
@@ -367,8 +369,11 @@ def _error_line(text: str | None) -> str:
     return lines[-1] if lines else "trial failed"
 
 
-class SweepCallback(Callback):
-    """Writes each finished trial's Parquet parts (driver side) and prints progress."""
+class _SweepCallback:
+    """Writes each finished trial's Parquet parts (driver side) and prints progress.
+
+    `SweepCallback` is this on top of ray.tune.Callback (see `__getattr__` below).
+    """
 
     def __init__(self, spec: dict[str, Any], root: str, total_trials: int):
         self.spec, self.root, self.total = spec, root, total_trials
@@ -454,8 +459,36 @@ class SweepCallback(Callback):
         best = f"{self._best:.4g}" if self._best is not None else "-"
         eta_text = _fmt_seconds(eta) if math.isfinite(eta) else "?"
         print(f"[{self.spec['sweep']}] trials {done}/{self.total} | {trial_id} {what} | "
-              f"best {metric} {best} | elapsed {_fmt_seconds(elapsed)} | ETA {eta_text}",
+              f"best so far {best} | elapsed {_fmt_seconds(elapsed)} | ETA {eta_text}",
               flush=True)
+
+
+_RAY_CLASSES = {"CohortSearcher": ("_CohortSearcher", "ray.tune.search", "Searcher"),
+                "SweepCallback": ("_SweepCallback", "ray.tune", "Callback")}
+
+
+def __getattr__(name: str):
+    """`CohortSearcher` and `SweepCallback`, made on first use (also when unpickled).
+
+    They subclass Ray's Searcher and Callback; building them lazily keeps `import ufw.sweep`
+    (and so every bad-input error) free of Ray's import time. They pickle by reference as
+    `ufw.sweep.CohortSearcher` / `ufw.sweep.SweepCallback`.
+    """
+    if name in _RAY_CLASSES:
+        import importlib
+
+        impl, module, base = _RAY_CLASSES[name]
+        base_class = getattr(importlib.import_module(module), base)
+        cls = type(name, (globals()[impl], base_class), {"__module__": __name__,
+                                                         "__qualname__": name,
+                                                         "__doc__": globals()[impl].__doc__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _ray_class(name: str):
+    return globals().get(name) or __getattr__(name)
 
 
 # ====================================================================== planning (no Ray)
@@ -551,10 +584,9 @@ def make_plan(args) -> Plan:
     grid = space.sampler["type"] == "grid"
     num_samples = (args.num_samples or defaults["num_samples"]
                    or (space.grid_size if grid else 8))
-    if grid:
-        if num_samples > space.grid_size:
-            raise ConfigError(f"--num-samples: {num_samples} is more than the grid's "
-                              f"{space.grid_size} points")
+    if grid and num_samples > space.grid_size:
+        raise ConfigError(f"--num-samples: {num_samples} is more than the grid's "
+                          f"{space.grid_size} points")
     root = args.results
     if "://" not in root:
         root = os.path.abspath(os.path.expanduser(root))
@@ -570,7 +602,7 @@ def make_plan(args) -> Plan:
         raise ConfigError(f"--name: {args.name!r} must be a plain, non-empty name")
     if plan.resume:
         plan.name = plan.name or _latest_sweep(plan)
-        if not tune.Tuner.can_restore(plan.experiment_path):
+        if not can_restore(plan.experiment_path):
             raise ConfigError(f"--resume: no sweep to resume at {plan.experiment_path}")
         saved = _load_plan(plan)  # the sweep as it was started, whatever the flags say now
         for key in ("num_samples", "cohort", "seeds", "overrides", "data", "dataset"):
@@ -578,22 +610,33 @@ def make_plan(args) -> Plan:
         plan.space = space_from_dict(saved["space"])
     else:
         plan.name = plan.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if tune.Tuner.can_restore(plan.experiment_path):
+        if can_restore(plan.experiment_path):
             raise ConfigError(f"--name: a sweep {plan.name!r} already exists under {root}; "
                               "pass --resume to continue it or another --name")
     return plan
 
 
-def _latest_sweep(plan: Plan) -> str:
-    from ufw.results import filesystem
+def can_restore(experiment_path: str) -> bool:
+    """Whether Ray Tune's experiment state is there (what tune.Tuner.can_restore checks)."""
     import pyarrow.fs as pafs
+
+    from ufw.results import filesystem
+
+    fs, path = filesystem(experiment_path)
+    return fs.get_file_info(join(path, "tuner.pkl")).type == pafs.FileType.File
+
+
+def _latest_sweep(plan: Plan) -> str:
+    import pyarrow.fs as pafs
+
+    from ufw.results import filesystem
 
     fs, base = filesystem(plan.root)
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
                    and i.base_name.startswith(plan.space.name + "-"))
     for name in reversed(names):
-        if tune.Tuner.can_restore(join(plan.root, name, "ray")):
+        if can_restore(join(plan.root, name, "ray")):
             return name
     raise ConfigError(f"--resume: no sweep of {plan.space.name} under {plan.root} to resume; "
                       "pass --name")
@@ -629,6 +672,8 @@ def _load_plan(plan: Plan) -> dict[str, Any]:
 
 # ====================================================================== running
 def _init_ray(plan: Plan) -> None:
+    import ray
+
     if ray.is_initialized():  # e.g. tests, notebooks: use the running instance
         return
     common = {"include_dashboard": False, "logging_level": logging.WARNING,
@@ -645,6 +690,8 @@ def _init_ray(plan: Plan) -> None:
 
 def _check_resources(plan: Plan) -> None:
     """A trial that can never be placed would wait forever: say so before starting."""
+    import ray
+
     if plan.address:  # a cluster may scale up to fit
         return
     resources = ray.cluster_resources()
@@ -655,6 +702,8 @@ def _check_resources(plan: Plan) -> None:
 
 
 def _concurrency(plan: Plan) -> int:
+    import ray
+
     if plan.max_concurrent:
         return plan.max_concurrent
     resources = ray.cluster_resources()
@@ -665,13 +714,21 @@ def _concurrency(plan: Plan) -> int:
 
 
 def _trainable(plan: Plan):
+    from ray import tune
+
     resources = {"cpu": plan.cpus_per_trial}
     if plan.gpus_per_trial > 0:
         resources["gpu"] = plan.gpus_per_trial
     return tune.with_resources(run_trial, resources)
 
 
-def make_tuner(plan: Plan) -> tune.Tuner:
+def make_tuner(plan: Plan):
+    import optuna
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = plan.space
     spec = plan.spec()
     objectives = space.objectives
@@ -683,10 +740,10 @@ def make_tuner(plan: Plan) -> tune.Tuner:
         search = OptunaSearch(space=DefineByRun(space), metric=metric, mode=mode,
                               sampler=space.make_sampler())
     else:
-        search = CohortSearcher(space, plan.num_samples, plan.cohort)
+        search = _ray_class("CohortSearcher")(space, plan.num_samples, plan.cohort)
     # max_concurrent_trials also sets how many trials Ray keeps pending (not just 1).
     concurrency = _concurrency(plan)
-    callback = SweepCallback(spec, plan.root, plan.num_trials)
+    callback = _ray_class("SweepCallback")(spec, plan.root, plan.num_trials)
     return tune.Tuner(
         _trainable(plan),
         param_space={SPEC: spec},
@@ -729,6 +786,20 @@ def finalize(plan: Plan, grid) -> bool:
     return complete and len(known) >= plan.num_trials
 
 
+def pareto_front(table, objectives: list[Objective]) -> list[bool]:
+    """Whether each row is on the Pareto front (no other row at least as good on every
+    objective and better on one)."""
+    signs = [1 if o.direction == "minimize" else -1 for o in objectives]
+    points = [[s * float(v) for s, v in zip(signs, row)]
+              for row in table[[o.metric for o in objectives]].itertuples(index=False)]
+    front = []
+    for p in points:
+        dominated = any(all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
+                        for q in points)
+        front.append(not dominated and all(math.isfinite(v) for v in p))
+    return front
+
+
 def summary(plan: Plan, top: int = 10) -> str:
     import pandas as pd
 
@@ -748,11 +819,15 @@ def summary(plan: Plan, top: int = 10) -> str:
             table["seeds"] = grouped.size()
             for p in params:
                 table[p] = grouped[p].first()
+            if len(objectives) > 1:
+                table.insert(0, "pareto", pareto_front(table, objectives))
             table = table.sort_values(metrics[0], ascending=objectives[0].direction ==
                                       "minimize").head(top).reset_index()
-            title = ", ".join(f"{o.metric} ({o.direction})" for o in objectives)
-            lines.append(f"Top {len(table)} configurations by {title}"
-                         f"{' (mean over seeds)' if plan.seeds > 1 else ''}:")
+            title = " and ".join(f"{o.metric} ({o.direction})" for o in objectives)
+            lines.append(f"Top {len(table)} configurations by {metrics[0]}"
+                         f"{' (mean over seeds)' if plan.seeds > 1 else ''}"
+                         f"{'; pareto: not dominated on ' + title if len(objectives) > 1 else ''}"
+                         ":")
             with pd.option_context("display.width", 160, "display.max_columns", 30,
                                    "display.float_format", "{:.4g}".format):
                 lines.append(table.to_string(index=False))
@@ -779,6 +854,8 @@ def _quiet_ray_logs() -> None:
 
 
 def run(plan: Plan) -> int:
+    from ray import tune
+
     with cli.user_errors():
         _init_ray(plan)
         _check_resources(plan)

@@ -1,0 +1,256 @@
+"""`python -m ufw.sweep` end to end on a real local Ray (shared, see conftest.py) and real
+Optuna: Parquet rows and schema, cohorts, seeds, --set overrides, failed and diverged trials,
+and resuming after the driver is SIGKILLed. The model is tiny (dim 16, 2 epochs, 8000
+training characters), so a trial takes about a second."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ufw import sweep
+from ufw.results import ResultsWriter, read_epochs, read_trials
+from ufw.space import parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# DESIGN.md section 4 plus what the sweep adds: every trials part must have these.
+REQUIRED_COLUMNS = [
+    "sweep", "trial_id", "member", "seed", "config_id", "preset", "node", "gpu",
+    "alpha_start", "alpha_end", "schedule",
+    "lr_scale_1", "lr_scale_2", "lr_scale_3", "layer_weight_1", "layer_weight_2", "layer_weight_3",
+    "routing_threshold", "lr", "dim", "max_epochs",
+    "best_ppl", "best_epoch", "acc", "shallow_ratio", "compute_cost", "epochs_run",
+    "train_seconds", "status", "error", "ufw_version", "torch_version", "device", "dataset",
+]
+EPOCH_COLUMNS = ["sweep", "trial_id", "member", "seed", "config_id", "epoch", "train_loss",
+                 "val_ppl", "acc", "shallow_ratio", "compute_cost", "alpha"]
+
+SPACE = """
+parameters:
+  routing_threshold: {type: float, low: 0.5, high: 1.0}
+  lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+  layer_lr_scales.2: {type: float, low: 0.5, high: 1.0}
+"""
+
+
+def run_sweep(space: Path, results: Path, *args: str) -> int:
+    return sweep.main([str(space), "--results", str(results), *args])
+
+
+def parts(results: Path, name: str, kind: str = "trials") -> list[Path]:
+    return sorted((results / name / kind).glob("part-*.parquet"))
+
+
+def assert_schema(frame: pd.DataFrame, results: Path, name: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    assert not missing, missing
+    schemas = [pq.read_schema(p) for p in parts(results, name)]
+    assert all(s.equals(schemas[0]) for s in schemas), "parts differ in columns or types"
+    epochs = read_epochs(str(results / name))
+    assert len(epochs) and not [c for c in EPOCH_COLUMNS if c not in epochs.columns]
+
+
+# ---------------------------------------------------------------------- (a) cohort 1
+def test_cohort_1_writes_one_row_per_configuration(ray_local, tiny_space, tmp_path, capsys):
+    space = tiny_space(SPACE)
+    results = tmp_path / "results"
+    assert run_sweep(space, results, "--num-samples", "3", "--name", "c1") == 0
+    out = capsys.readouterr().out
+    assert "trials 3/3" in out and "Top 3 configurations" in out
+    assert str(results / "c1" / "trials") in out
+
+    frame = pd.read_parquet(results / "c1" / "trials")
+    assert len(frame) == 3 and frame["config_id"].is_unique and frame["trial_id"].is_unique
+    assert_schema(frame, results, "c1")
+    assert len(parts(results, "c1")) == 3 == len(parts(results, "c1", "epochs"))
+    assert set(frame["status"]) == {"completed"}
+    assert frame["best_ppl"].map(math.isfinite).all()
+    assert (frame["sweep"] == "c1").all() and (frame["seed"] == 42).all()
+    assert (frame["dataset"] == "python-docs").all() and (frame["device"] == "cpu").all()
+    assert frame["preset"].isna().all() and frame["gpu"].isna().all()
+    assert frame["node"].notna().all()
+    assert frame["routing_threshold"].between(0.5, 1.0).all()
+    assert frame["lr_scale_2"].between(0.5, 1.0).all() and (frame["lr_scale_1"] == 1.0).all()
+    assert (frame["dim"] == 16).all() and (frame["max_epochs"] == 2).all()
+    # epochs/: one row per member per epoch trained, tied to its trial.
+    epochs = pd.read_parquet(results / "c1" / "epochs")
+    per_trial = epochs.groupby("trial_id").size()
+    assert set(per_trial.index) == set(frame["trial_id"])
+    assert (per_trial == frame.set_index("trial_id")["epochs_run"].loc[per_trial.index]).all()
+    assert not epochs.duplicated(["trial_id", "member", "epoch"]).any()
+    # Ray's experiment and the record of what ran sit beside the Parquet.
+    assert (results / "c1" / "ray" / "tuner.pkl").exists()
+    assert (results / "c1" / "sweep.json").exists()
+    # The same name again is refused (it would overwrite Ray's tuner.pkl), before Ray runs.
+    with pytest.raises(SystemExit) as exit_info:
+        run_sweep(space, results, "--num-samples", "3", "--name", "c1")
+    assert exit_info.value.code == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- (b) cohort 4
+def test_cohort_4_trains_populations_of_configurations_and_seeds(ray_local, tiny_space,
+                                                                tmp_path):
+    space = tiny_space(SPACE)
+    results = tmp_path / "results"
+    code = run_sweep(space, results, "--num-samples", "5", "--cohort", "4", "--seeds", "2",
+                     "--name", "c4")
+    assert code == 0
+    frame = read_trials(str(results / "c4"))
+    assert_schema(frame, results, "c4")
+    assert len(frame) == 10  # 5 configurations x 2 seeds
+    assert frame["config_id"].nunique() == 5
+    assert not frame.duplicated(["config_id", "seed"]).any()
+    for _, group in frame.groupby("config_id"):
+        assert sorted(group["seed"]) == [42, 43]
+        assert group["trial_id"].nunique() == 1  # a configuration's seeds train together
+    sizes = sorted(frame.groupby("trial_id").size())
+    assert sizes == [2, 8]  # 4 configurations x 2 seeds, then the 1 left x 2 seeds
+    for trial_id, group in frame.groupby("trial_id"):
+        assert sorted(group["member"]) == list(range(len(group)))
+        assert (group["cohort_size"] == len(group)).all()
+    assert set(frame["status"]) == {"completed"}
+
+
+# ---------------------------------------------------------------------- (e) --set
+def test_set_overrides_reach_every_row(ray_local, tiny_space, tmp_path):
+    space = tiny_space(SPACE, dim=32, num_heads=4, max_epochs=3)
+    results = tmp_path / "results"
+    code = run_sweep(space, results, "--num-samples", "2", "--name", "over",
+                     "--set", "max_epochs=1", "--set", "dim=16", "--set", "lr=2e-3")
+    assert code == 0
+    frame = read_trials(str(results / "over"))
+    assert len(frame) == 2
+    assert (frame["dim"] == 16).all() and (frame["max_epochs"] == 1).all()
+    assert (frame["epochs_run"] == 1).all()
+    assert (frame["lr"] == 0.002).all()  # --set wins over the sampled value
+    epochs = read_epochs(str(results / "over"))
+    assert len(epochs) == 2 and (epochs["epoch"] == 0).all()
+
+
+# ---------------------------------------------------------------------- (d) failures
+def test_failed_and_diverged_trials_are_recorded_and_the_rest_complete(ray_local, tiny_space,
+                                                                       tmp_path, capsys):
+    not_a_model = tmp_path / "teacher.pt"
+    not_a_model.write_text("this is not a torch file")
+    space = tiny_space(f"""
+        sampler: grid
+        parameters:
+          lr: {{type: categorical, choices: [2.0e-3, 1.0e+6]}}
+          teacher: {{type: categorical, choices: [self, "{not_a_model}"]}}
+    """)
+    results = tmp_path / "results"
+    assert run_sweep(space, results, "--name", "fail") == 0
+    out = capsys.readouterr().out
+    assert "trials 4/4" in out and "retrying" in out
+
+    frame = read_trials(str(results / "fail"))
+    assert len(frame) == 4 and frame["trial_id"].is_unique
+    assert_schema(frame, results, "fail")
+    by = {(row.lr, row.teacher == "self"): row for row in frame.itertuples()}
+    ok = by[(2e-3, True)]
+    assert ok.status == "completed" and math.isfinite(ok.best_ppl) and not ok.error
+    diverged = by[(1e6, True)]
+    assert diverged.status == "failed" and "diverged" in diverged.error
+    for lr in (2e-3, 1e6):  # torch.load raises inside the trial: after retries, failed
+        raised = by[(lr, False)]
+        assert raised.status == "failed"
+        assert "teacher" in raised.error or "load" in raised.error.lower()
+        assert math.isnan(raised.best_ppl) and raised.epochs_run == 0
+        assert raised.dim == 16 and raised.config_id  # the configuration is still there
+    epochs = read_epochs(str(results / "fail"))
+    assert set(epochs["trial_id"]) == {ok.trial_id, diverged.trial_id}
+
+
+# ---------------------------------------------------------------------- (c) SIGKILL + resume
+def test_resume_after_the_driver_is_killed(ray_local, tiny_space, tmp_path):
+    """The driver is SIGKILLed once some (not all) parts exist; --resume finishes the sweep
+    with exactly num_samples rows, none twice. Both drivers join the test session's Ray."""
+    num_samples = 6
+    space = tiny_space(SPACE, max_epochs=3)
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "ufw.sweep", str(space), "--results", str(results),
+               "--name", "killed", "--address", ray_local]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([*command, "--num-samples", str(num_samples)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    deadline = time.time() + 240
+    while not parts(results, "killed") and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    first_out = driver.communicate()[0]
+    written = len(parts(results, "killed"))
+    assert 1 <= written < num_samples, (written, first_out)
+
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout and "Traceback" not in resumed.stderr
+
+    frame = read_trials(str(results / "killed"))
+    assert len(frame) == num_samples, frame[["trial_id", "config_id", "status"]]
+    assert not frame.duplicated(["config_id", "seed"]).any()
+    assert frame["trial_id"].is_unique
+    assert set(frame["status"]) == {"completed"}
+    assert len(parts(results, "killed")) == num_samples
+    epochs = read_epochs(str(results / "killed"))
+    assert not epochs.duplicated(["trial_id", "member", "epoch"]).any()
+    assert set(epochs["trial_id"]) == set(frame["trial_id"])
+    assert not list((results / "killed" / "trials").glob(".part-*"))  # no temporary files
+
+
+# ---------------------------------------------------------------------- pieces, no Ray run
+def test_results_writer_replaces_a_trials_part_atomically(tmp_path):
+    writer = ResultsWriter(str(tmp_path), "s")
+    row = {"sweep": "s", "trial_id": "t1", "member": 0, "seed": 42, "best_ppl": 5.0,
+           "status": "completed", "error": "", "preset": None}
+    writer.write("t1", [row], [{"trial_id": "t1", "member": 0, "epoch": 0, "val_ppl": 6.0}])
+    writer.write("t1", [{**row, "best_ppl": 4.0}], [])  # a retried/resumed trial: replaced
+    (tmp_path / "s" / "trials" / ".part-t2.abc.tmp").write_bytes(b"half a file")
+    frame = pd.read_parquet(tmp_path / "s" / "trials")
+    assert frame["best_ppl"].tolist() == [4.0]
+    assert frame["preset"].isna().all()
+    assert writer.trial_ids() == {"t1"}
+    writer.clean_temporary()
+    assert not list((tmp_path / "s" / "trials").glob(".part-*"))
+    # A later part with a null where the first had text keeps the schema.
+    writer.write("t2", [{**row, "trial_id": "t2", "preset": "lpt", "error": None}], [])
+    assert len(read_trials(str(tmp_path / "s"))) == 2
+    schemas = [pq.read_schema(p) for p in (tmp_path / "s" / "trials").glob("part-*")]
+    assert schemas[0].equals(schemas[1])
+
+
+def test_cohort_searcher_is_picklable_and_restores_its_study(tmp_path):
+    import json
+
+    space = parse_space({"fixed": {"dim": 16, "num_heads": 2},
+                         "parameters": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2}},
+                         "sampler": {"type": "random", "seed": 3}})
+    searcher = sweep.CohortSearcher(space, num_samples=5, cohort=2)
+    first = searcher.suggest("a")["members"]
+    second = searcher.suggest("b")["members"]
+    assert len(first) == 2 and len(second) == 2
+    searcher.on_trial_complete("a", {"objective_values": json.dumps([[3.0], None])})
+    searcher.save(str(tmp_path / "searcher.pkl"))
+
+    restored = sweep.CohortSearcher(space, num_samples=5, cohort=2)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    states = [t.state.name for t in restored.study.trials]
+    assert states == ["COMPLETE", "FAIL", "RUNNING", "RUNNING"]
+    assert restored.study.best_value == 3.0
+    assert restored.suggest("b")["members"] == second  # the same pending points
+    assert len(restored.suggest("c")["members"]) == 1  # 5 = 2 + 2 + 1
+    assert restored.suggest("d") == "FINISHED"
+    restored.on_trial_complete("b", error=True)
+    assert [t.state.name for t in restored.study.trials][2:4] == ["FAIL", "FAIL"]
