@@ -175,39 +175,42 @@ def test_failed_and_diverged_trials_are_recorded_and_the_rest_complete(ray_local
 # ---------------------------------------------------------------------- (c) SIGKILL + resume
 def test_resume_after_the_driver_is_killed(ray_local, tiny_space, tmp_path):
     """The driver is SIGKILLed once some (not all) parts exist; --resume finishes the sweep
-    with exactly num_samples rows, none twice. Both drivers join the test session's Ray."""
+    with exactly num_samples rows, none twice. Both drivers join the test session's Ray.
+    --resume without --name finds the latest sweep of the space (tiny-*)."""
     num_samples = 6
-    space = tiny_space(SPACE, max_epochs=3)
+    space = tiny_space(SPACE, max_epochs=3)  # tiny.yaml
     results = tmp_path / "results"
     command = [sys.executable, "-m", "ufw.sweep", str(space), "--results", str(results),
-               "--name", "killed", "--address", ray_local]
+               "--address", ray_local]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([*command, "--num-samples", str(num_samples)], cwd=ROOT,
+    name = "tiny-killed"
+    driver = subprocess.Popen([*command, "--num-samples", str(num_samples), "--name", name],
+                              cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     deadline = time.time() + 240
-    while not parts(results, "killed") and driver.poll() is None and time.time() < deadline:
+    while not parts(results, name) and driver.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     first_out = driver.communicate()[0]
-    written = len(parts(results, "killed"))
+    written = len(parts(results, name))
     assert 1 <= written < num_samples, (written, first_out)
 
     resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming" in resumed.stdout and "Traceback" not in resumed.stderr
+    assert f"[{name}] resuming" in resumed.stdout and "Traceback" not in resumed.stderr
 
-    frame = read_trials(str(results / "killed"))
+    frame = read_trials(str(results / name))
     assert len(frame) == num_samples, frame[["trial_id", "config_id", "status"]]
     assert not frame.duplicated(["config_id", "seed"]).any()
     assert frame["trial_id"].is_unique
     assert set(frame["status"]) == {"completed"}
-    assert len(parts(results, "killed")) == num_samples
-    epochs = read_epochs(str(results / "killed"))
+    assert len(parts(results, name)) == num_samples
+    epochs = read_epochs(str(results / name))
     assert not epochs.duplicated(["trial_id", "member", "epoch"]).any()
     assert set(epochs["trial_id"]) == set(frame["trial_id"])
-    assert not list((results / "killed" / "trials").glob(".part-*"))  # no temporary files
+    assert not list((results / name / "trials").glob(".part-*"))  # no temporary files
 
 
 # ---------------------------------------------------------------------- pieces, no Ray run
