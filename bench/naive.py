@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ufw.config import UniversalConfig
+from ufw.config import ConfigError, UniversalConfig
 from ufw.data import Corpus
 from ufw.model import ModelShape, init_member
 
@@ -111,7 +111,7 @@ class NaiveTrainer:
         c = config.validate()
         if (c.confidence_method != "max_softmax" or len(c.exits) > 1
                 or c.distillation_alpha < 1 or c.num_experts > 1):
-            raise ValueError("the naive reference implements the seed's framework only: "
+            raise ConfigError("the naive reference implements the seed's framework only: "
                              "no confidence methods, multiple exits, distillation or experts")
         self.config = c
         self.device = torch.device(device)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     with cli.user_errors():
         config = cli.config_from_args(args)
         corpus = cli.corpus_from_args(args, config)
-    print(json.dumps(train_naive(config, corpus, args.device)))
+        print(json.dumps(train_naive(config, corpus, args.device)))
 
 
 if __name__ == "__main__":
