@@ -20,13 +20,15 @@ def ray_local():
     """A local Ray instance (2 CPUs), started once and shared by every test that needs it.
 
     Yields its GCS address, so that a driver in a subprocess can join it with --address.
+    It declares one GPU even where there is none (Ray treats it as a plain resource), so that
+    `--gpus-per-trial` can be tested: trials get a GPU id from Ray and still train on CPU.
     """
     ray = pytest.importorskip("ray")
     started = False
     if not ray.is_initialized():
         # address="local": never join some other Ray instance running on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING)
         started = True
     yield ray.get_runtime_context().gcs_address
     if started:

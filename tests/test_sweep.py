@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from ufw import sweep
 from ufw.results import ResultsWriter, read_epochs, read_trials
@@ -127,10 +128,15 @@ def test_set_overrides_reach_every_row(ray_local, tiny_space, tmp_path):
     space = tiny_space(SPACE, dim=32, num_heads=4, max_epochs=3)
     results = tmp_path / "results"
     code = run_sweep(space, results, "--num-samples", "2", "--name", "over",
-                     "--set", "max_epochs=1", "--set", "dim=16", "--set", "lr=2e-3")
+                     "--set", "max_epochs=1", "--set", "dim=16", "--set", "lr=2e-3",
+                     "--gpus-per-trial", "0.5")
     assert code == 0
     frame = read_trials(str(results / "over"))
     assert len(frame) == 2
+    # The test session's Ray declares one GPU (conftest): each trial got half of GPU 0.
+    assert (frame["gpu"] == "0").all()
+    assert (frame["device"] != "cpu").all() if torch.cuda.is_available() else \
+        (frame["device"] == "cpu").all()
     assert (frame["dim"] == 16).all() and (frame["max_epochs"] == 1).all()
     assert (frame["epochs_run"] == 1).all()
     assert (frame["lr"] == 0.002).all()  # --set wins over the sampled value

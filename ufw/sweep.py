@@ -168,10 +168,8 @@ def summary_metrics(spec: dict[str, Any], values: list[list[float] | None]) -> d
 def _device() -> tuple[str, str | None]:
     import ray
 
-    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-    if gpu_ids and torch.cuda.is_available():
-        return "cuda", ",".join(gpu_ids)
-    return "cpu", None
+    gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids()) or None  # what Ray assigned
+    return ("cuda" if gpu_ids and torch.cuda.is_available() else "cpu"), gpu_ids
 
 
 def run_trial(config: dict[str, Any]) -> None:
