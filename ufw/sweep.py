@@ -16,6 +16,7 @@ experiment: checkpoints, searcher state), `sweep.json` (what was run).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -54,6 +55,7 @@ from ufw.space import (
     load_space,
     space_from_dict,
 )
+from ufw.train import PRECISIONS, members_that_fit
 
 SPEC = "ufw"  # the trial config's key for everything that is not a sampled value
 MEMBERS = "members"  # cohort trials: the list of sampled points
@@ -199,7 +201,9 @@ def run_trial(config: dict[str, Any]) -> None:
         key = (c.batch_size, c.seq_len)
         if key not in corpora:
             corpora[key] = load_corpus(**spec["data"], batch_size=c.batch_size, seq_len=c.seq_len)
-        populations.append(Population([m.config for m in group], corpora[key], device))
+        populations.append(Population([m.config for m in group], corpora[key], device,
+                                      compile=spec.get("compile", False),
+                                      precision=spec.get("precision", "fp32")))
 
     epoch_rows: list[dict[str, Any]] = []
     checkpoint = tune.get_checkpoint()
@@ -224,6 +228,8 @@ def run_trial(config: dict[str, Any]) -> None:
             by_index[m.index] = row
         return [by_index[i] for i in range(len(members))]
 
+    last_checkpoint = [time.monotonic()]
+
     def report(final: bool) -> None:
         rows = result_rows()
         values = point_objectives(spec, members, rows)
@@ -237,6 +243,10 @@ def run_trial(config: dict[str, Any]) -> None:
                            objective_values=json.dumps(values))
             tune.report(metrics)
             return
+        if time.monotonic() - last_checkpoint[0] < spec.get("checkpoint_seconds", 0):
+            tune.report(metrics)  # progress only: checkpoints of big populations are costly
+            return
+        last_checkpoint[0] = time.monotonic()
         with tempfile.TemporaryDirectory() as d:
             torch.save({"populations": [p.state_dict() for p in populations],
                         "epoch_rows": epoch_rows}, os.path.join(d, STATE_FILE))
@@ -507,6 +517,9 @@ class Plan:
     dataset: str
     resume: bool
     address: str | None
+    precision: str = "fp32"
+    compile: bool = False
+    checkpoint_seconds: float = 0.0
 
     @property
     def sweep_uri(self) -> str:
@@ -525,7 +538,8 @@ class Plan:
         return {"sweep": self.name, "fixed": self.space.fixed, "overrides": self.overrides,
                 "seeds": self.seeds, "data": self.data, "dataset": self.dataset,
                 "objectives": [[o.metric, o.direction] for o in self.space.objectives],
-                "cpus_per_trial": self.cpus_per_trial}
+                "cpus_per_trial": self.cpus_per_trial, "precision": self.precision,
+                "compile": self.compile, "checkpoint_seconds": self.checkpoint_seconds}
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -534,8 +548,9 @@ def build_parser() -> cli.ArgumentParser:
                    "results go to Parquet (see docs/sweep.md).")
     p.add_argument("space", metavar="SPACE", help="search space YAML (search_spaces/*.yaml)")
     p.add_argument("--num-samples", type=int, help="configurations to sample")
-    p.add_argument("--cohort", type=int,
-                   help="configurations trained together as one population per Ray trial")
+    p.add_argument("--cohort", type=_cohort,
+                   help="configurations trained together as one population per Ray trial, "
+                        "or auto: as many as fit the trial's share of free GPU memory")
     p.add_argument("--seeds", type=int, help="seeds per configuration (42, 43, ...)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs per trial (fractions share a GPU); default 0")
@@ -549,8 +564,37 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--name", help="sweep name (default: SPACE's name and the time)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep (--name, or the latest of SPACE)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (exact, default); tf32 or bf16 trade exactness for GPU speed")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training loss (GPU: fuses element-wise work)")
+    p.add_argument("--checkpoint-seconds", type=float, default=0.0,
+                   help="checkpoint a trial at most this often (0: every epoch); a large "
+                        "population's checkpoint is hundreds of MB, so on a GPU use e.g. 60")
     p.set_defaults(data=None)  # a space's data section applies unless --data is given
     return p
+
+
+def _cohort(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
+
+
+def auto_cohort(first, corpus, num_samples: int, seeds: int, gpus_per_trial: float,
+                precision: str) -> int:
+    """Configurations per trial that fit the trial's share of free GPU memory.
+
+    Measured here, on the driver's GPU, which stands for the workers' (same kind in a
+    cluster); without one, 8 (a CPU gains little from larger populations).
+    """
+    if not (gpus_per_trial > 0 and torch.cuda.is_available()):
+        return min(8, num_samples)
+    members = members_that_fit(first, corpus, "cuda", min(1.0, gpus_per_trial), precision)
+    return max(1, min(num_samples, members // seeds))
 
 
 def _positive(value: Any, flag: str) -> None:
@@ -560,9 +604,12 @@ def _positive(value: Any, flag: str) -> None:
 
 def make_plan(args) -> Plan:
     space = load_space(args.space)
-    for flag in ("num_samples", "cohort", "seeds", "max_concurrent", "train_chars",
-                 "val_chars"):
+    for flag in ("num_samples", "seeds", "max_concurrent", "train_chars", "val_chars"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.cohort != "auto":
+        _positive(args.cohort, "--cohort")
+    if args.checkpoint_seconds < 0:
+        raise ConfigError(f"--checkpoint-seconds: must be >= 0, got {args.checkpoint_seconds}")
     if args.cpus_per_trial <= 0:
         raise ConfigError(f"--cpus-per-trial: must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
@@ -590,7 +637,8 @@ def make_plan(args) -> Plan:
         root = os.path.abspath(os.path.expanduser(root))
     plan = Plan(space=space, space_path=str(args.space), name=args.name or "", root=root,
                 num_samples=num_samples, cohort=args.cohort or defaults["cohort"],
-                seeds=args.seeds or defaults["seeds"],
+                seeds=args.seeds or defaults["seeds"], precision=args.precision,
+                compile=args.compile, checkpoint_seconds=args.checkpoint_seconds,
                 max_concurrent=args.max_concurrent or defaults["max_concurrent"],
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                 overrides=overrides, data=data, dataset=corpus.name, resume=args.resume,
@@ -598,6 +646,9 @@ def make_plan(args) -> Plan:
     if args.name is not None and (not args.name or "/" in args.name
                                   or args.name.startswith(".")):
         raise ConfigError(f"--name: {args.name!r} must be a plain, non-empty name")
+    if plan.cohort == "auto" and not plan.resume:
+        plan.cohort = auto_cohort(first, corpus, num_samples, plan.seeds, plan.gpus_per_trial,
+                                  plan.precision)
     if plan.resume:
         plan.name = plan.name or _latest_sweep(plan)
         if not can_restore(plan.experiment_path):

@@ -486,6 +486,34 @@ def load_teacher(path: str, device: torch.device, vocab_size: int,
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def members_that_fit(config: UniversalConfig, corpus: Corpus, device: str = "cuda",
+                     memory_fraction: float = 1.0, precision: str = "fp32",
+                     probe_members: int = 8, limit: int = 1024) -> int:
+    """How many members like `config` fit in `memory_fraction` of the GPU's free memory.
+
+    Measures the peak memory of one training step and one evaluation of a small population,
+    then scales it: memory grows linearly with members (every tensor has a member axis).
+    Keeps 30% headroom for CUDA graphs, the allocator's fragmentation and checkpoints.
+    """
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    probe = Population([config.with_overrides({"seed": k}) for k in range(probe_members)],
+                       corpus, device, cuda_graphs=False, precision=precision)
+    weights = probe.objective.layer_weights(0)
+    loss = probe.objective.loss(probe.model, probe.corpus.train_x[0], probe.corpus.train_y[0],
+                                weights, active_layers(weights))
+    loss.sum().backward()
+    probe.optimizer.clip_()
+    probe.optimizer.step(torch.ones(probe_members, device=probe.device))
+    probe.objective.evaluate(probe.model, zip(probe.corpus.val_x, probe.corpus.val_y))
+    per_member = (torch.cuda.max_memory_allocated(device) - base) / probe_members
+    del probe, loss
+    torch.cuda.empty_cache()
+    return max(1, min(limit, int(free * memory_fraction * 0.7 / per_member)))
+
+
 def train(configs: list[UniversalConfig], corpus: Corpus, device: str = "cpu",
           on_epoch: Callable[[Population, list[dict]], None] | None = None,
           state: dict | None = None) -> list[dict[str, Any]]:

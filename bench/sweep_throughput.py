@@ -1,0 +1,69 @@
+"""End-to-end sweep throughput on one machine: Ray Tune + Optuna + Parquet, real trials.
+
+    python bench/sweep_throughput.py --num-samples 1024 --cohort 256 --gpus 1 \
+        [--sweep-args "--precision bf16 --compile"]
+
+Runs `python -m ufw.sweep` on the seed benchmark (alpha_lr.yaml: alpha schedule, layer-wise
+LR, routing threshold; seed-scale model) as a subprocess and measures, from launch to exit:
+completed trials (one trial = one configuration trained to its early stop) per GPU-hour,
+and the share of wall time spent training (the sum over Ray trials of their populations'
+training-and-evaluation time, divided by wall time x concurrent trials). Everything else
+(Ray start, scheduling, Optuna, checkpoints, Parquet) is the overhead.
+Writes bench/results/sweep_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+from common import SHARED, device_label, save
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--space", default=str(ROOT / "search_spaces" / "alpha_lr.yaml"))
+    parser.add_argument("--num-samples", type=int, default=1024)
+    parser.add_argument("--cohort", default="256")
+    parser.add_argument("--gpus", type=float, default=1.0, help="GPUs on this machine")
+    parser.add_argument("--gpus-per-trial", type=float, default=1.0)
+    parser.add_argument("--sweep-args", default="", help="more flags for ufw.sweep")
+    args = parser.parse_args()
+    results = Path(tempfile.mkdtemp(prefix="ufw-bench-"))
+    command = [sys.executable, "-m", "ufw.sweep", args.space, "--num-samples",
+               str(args.num_samples), "--cohort", args.cohort, "--seeds", "1",
+               "--gpus-per-trial", str(args.gpus_per_trial), "--results", str(results),
+               "--name", "bench", "--train-file", str(SHARED / "test.txt"),
+               "--val-file", str(SHARED / "valid.txt"), "--train-chars", "100000",
+               "--val-chars", "10000", *shlex.split(args.sweep_args)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - start
+    trials = pd.read_parquet(results / "bench" / "trials")
+    completed = int((trials["status"] == "completed").sum())
+    # A Ray trial trains its cohort as one population: its training time is that of the
+    # member that ran longest (train_seconds accumulates while a member is running).
+    training = trials.groupby("trial_id")["train_seconds"].max().sum()
+    slots = max(1.0, args.gpus / args.gpus_per_trial) if args.gpus_per_trial else 1.0
+    record = {"device": device_label("cuda" if args.gpus else "cpu"), "trials": len(trials),
+              "completed": completed, "wall_seconds": wall,
+              "trials_per_gpu_hour": completed / (wall / 3600) / max(args.gpus, 1e-9),
+              "training_share": float(training / (wall * slots)),
+              "cohort": args.cohort, "ray_trials": int(trials["trial_id"].nunique()),
+              "mean_epochs_run": float(trials["epochs_run"].mean()),
+              "best_ppl": float(trials["best_ppl"].min()),
+              "sweep_command": " ".join(command[1:])}
+    print(record)
+    save(f"sweep_{'cuda' if args.gpus else 'cpu'}.json", record)
+
+
+if __name__ == "__main__":
+    main()
