@@ -244,7 +244,9 @@ class SearchSpace:
         kind = self.sampler["type"]
         seed = self.sampler.get("seed")
         if kind == "grid":
-            return optuna.samplers.GridSampler(self.grid(), seed=seed)
+            from ufw.grid_sampler import GridSampler
+
+            return GridSampler(self.grid(), seed=seed)
         if kind == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if kind == "nsga2":
