@@ -192,10 +192,12 @@ def test_train_cli_prints_one_json_row():
     out = subprocess.run(
         [sys.executable, "-m", "ufw.train", "--preset", "asymmetric_best", "--seed", "3",
          "--train-chars", "6000", "--val-chars", "2000",
+         "--set", "lr=2e-3",  # YAML 1.1 would read 2e-3 as text
          *[arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]],
         capture_output=True, text=True, check=True).stdout
     row = json.loads(out)
     assert row["preset"] == "asymmetric_best" and row["seed"] == 3 and row["dim"] == 16
+    assert row["lr"] == 2e-3
     assert row["status"] == "completed" and row["best_ppl"] > 1
     assert row["dataset"] == "python-docs"
 

@@ -49,10 +49,21 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item}: value is not valid YAML") from None
+        overrides[key.strip()] = _yaml_float(parsed)
     return overrides
+
+
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as text; a learning rate written so is a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> UniversalConfig:
