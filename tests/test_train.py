@@ -215,3 +215,24 @@ def test_train_cli_bad_input_exits_2_without_traceback(args, message):
                           text=True, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_usage_runs():
+    """The seed's documented usage, as README.md shows it."""
+    from ufw import PRESETS, AlphaSchedule, UniversalConfig, UniversalTrainer
+    from ufw.data import load_corpus
+
+    corpus = load_corpus(train_chars=6000, val_chars=2000, batch_size=8, seq_len=32)
+    config = UniversalConfig(layer_weights={1: 0.7, 2: 0, 3: 0.3}, routing_threshold=0.95,
+                             alpha_schedule=AlphaSchedule("cosine", start=0.9, end=0.5),
+                             layer_lr_scales={1: 1.0, 2: 0.5, 3: 0.1}, dim=16, num_heads=2,
+                             batch_size=8, seq_len=32)
+    trainer = UniversalTrainer(config, vocab_size=corpus.vocab_size, device="cpu")
+    model = trainer.create_model()
+    optimizer = trainer.create_optimizer(model, base_lr=1e-3)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx(
+        [1e-4, 5e-4, 1e-3, 1e-3])
+    assert math.isfinite(trainer.train_epoch(model, optimizer, corpus.train_batches, epoch=0))
+    assert set(trainer.evaluate(model, corpus.val_batches)) == {"ppl", "acc", "shallow_ratio",
+                                                                 "compute_cost"}
+    assert "asymmetric_best" in PRESETS
