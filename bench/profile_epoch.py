@@ -29,7 +29,9 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         population.run_epoch()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                      max_name_column_width=70)
+    print(table)
 
 
 if __name__ == "__main__":

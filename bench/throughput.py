@@ -42,8 +42,8 @@ def measure_population(K: int, corpus, device: str, epochs: int, graphs: bool,
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return {"mode": "single" if K == 1 else "population", "K": K, "cuda_graphs": graphs, "compile": compile,
-            "precision": precision,
+    return {"mode": "single" if K == 1 else "population", "K": K, "cuda_graphs": graphs,
+            "compile": compile, "precision": precision,
             "last_val_ppl": [r["val_ppl"] for r in rows[:4]],
             "model_epochs_per_s": K * epochs / seconds, "seconds_per_epoch": seconds / epochs,
             "peak_mem_per_member_gib": peak / K if peak is not None else None}

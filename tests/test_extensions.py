@@ -198,7 +198,7 @@ def test_saved_model_as_teacher(corpus, tmp_path):
     row = train([config], corpus)[0]
     assert row["status"] == "completed" and row["teacher"] == path
     other = make_corpus("other", "abc " * 2000, "abc " * 500, batch_size=8, seq_len=32)
-    with pytest.raises(ConfigError, match="teacher: .* another vocabulary"):
+    with pytest.raises(ConfigError, match=r"teacher: .* another vocabulary"):
         Population([config], other)
 
 
@@ -303,7 +303,8 @@ def test_learned_confidence_head_gets_gradients_backbone_does_not(corpus):
 
 
 def test_learned_confidence_leaves_the_language_model_as_it_was(corpus):
-    """Same seed, threshold 0 (all deep): the learned head changes nothing else, clipping included."""
+    """Same seed, threshold 0 (all deep): the learned head changes nothing else, clipping
+    included."""
     base = tiny(routing_threshold=0.0, grad_clip=0.1, max_epochs=2)
     plain = train([base], corpus)[0]
     learned = train([base.with_overrides({"confidence_method": "learned",

@@ -117,7 +117,7 @@ def test_cohort_4_trains_populations_of_configurations_and_seeds(ray_local, tiny
         assert group["trial_id"].nunique() == 1  # a configuration's seeds train together
     sizes = sorted(frame.groupby("trial_id").size())
     assert sizes == [2, 8]  # 4 configurations x 2 seeds, then the 1 left x 2 seeds
-    for trial_id, group in frame.groupby("trial_id"):
+    for _, group in frame.groupby("trial_id"):
         assert sorted(group["member"]) == list(range(len(group)))
         assert (group["cohort_size"] == len(group)).all()
     assert set(frame["status"]) == {"completed"}

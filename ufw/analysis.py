@@ -144,7 +144,8 @@ def load_results(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not trials_parts:
         raise AnalysisError(f"no results in {shown}: expected Parquet parts under {shown}/trials/")
     epochs_parts = [e for e in (_read_parts(fs, f"{s}/epochs") for s in sweeps) if e is not None]
-    trials = pd.concat(trials_parts, ignore_index=True) if len(trials_parts) > 1 else trials_parts[0]
+    trials = (pd.concat(trials_parts, ignore_index=True) if len(trials_parts) > 1
+              else trials_parts[0])
     _require(trials, TRIAL_COLUMNS, "trials", shown)
     if epochs_parts:
         epochs = pd.concat(epochs_parts, ignore_index=True)
@@ -192,7 +193,8 @@ def _model_names(df: pd.DataFrame) -> pd.Series:
 
 def _resolve_by(trials: pd.DataFrame, by: str | Sequence[str] | None) -> list[str]:
     if by is None:
-        by = "preset" if "preset" in trials.columns and trials["preset"].notna().any() else "config_id"
+        has_preset = "preset" in trials.columns and trials["preset"].notna().any()
+        by = "preset" if has_preset else "config_id"
     cols = [by] if isinstance(by, str) else list(by)
     missing = [c for c in cols if c not in trials.columns]
     if missing:

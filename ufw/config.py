@@ -62,10 +62,12 @@ class AlphaSchedule:
         for name in ("start", "end"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ConfigError(f"alpha_schedule.{name}: must be a number in [0, 1], got {value!r}")
+                raise ConfigError(f"alpha_schedule.{name}: must be a number in [0, 1], "
+                                  f"got {value!r}")
         steps = list(self.steps)
         if any(not isinstance(s, int) or s < 0 for s in steps):
-            raise ConfigError(f"alpha_schedule.steps: must be non-negative integer epochs, got {steps}")
+            raise ConfigError("alpha_schedule.steps: must be non-negative integer epochs, "
+                              f"got {steps}")
         if any(b <= a for a, b in itertools.pairwise(steps)):
             raise ConfigError(f"alpha_schedule.steps: must be strictly increasing, got {steps}")
 

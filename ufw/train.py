@@ -119,7 +119,7 @@ class Objective:
         return total
 
     def _teacher_logits(self, model, hidden, x) -> torch.Tensor:
-        """The teacher's logits, without gradient: the model's own final exit, or a saved model's."""
+        """The teacher's logits, without gradient: the model's own final exit or a saved model's."""
         if self.teacher is None:
             return model.logits(hidden[-1]).detach()
         with torch.no_grad():
@@ -474,7 +474,7 @@ def load_teacher(path: str, device: torch.device, vocab_size: int,
         saved = torch.load(path, map_location="cpu", weights_only=False)
         # The teacher's own teacher is history, not needed (nor, perhaps, still on disk).
         config = UniversalConfig.from_dict({**saved["config"], "teacher": "self"})
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user mistake
+    except Exception as e:
         raise ConfigError(f"teacher: cannot read {path} as a saved ufw model ({e})") from None
     if saved["vocab_size"] != vocab_size or (vocab and saved.get("vocab", vocab) != vocab):
         raise ConfigError(f"teacher: {path} was trained on another vocabulary "
