@@ -17,6 +17,7 @@ experiment: checkpoints, searcher state), `sweep.json` (what was run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -131,7 +132,8 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
                    torch_version=str(torch.__version__), device=None,
                    dataset=spec.get("dataset"))
         row.update(sweep=spec["sweep"], trial_id=None, preset=m.preset,
-                   seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None)
+                   seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None,
+                   resumed_from_epoch=0)
         row.update(extra or {})
         rows.append(row)
     return rows
@@ -188,7 +190,8 @@ def run_trial(config: dict[str, Any]) -> None:
     device, gpu = _device()
     context = ray.get_runtime_context()
     extra = {"sweep": spec["sweep"], "trial_id": tune.get_context().get_trial_id(),
-             "node": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "gpu": gpu}
+             "node": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "gpu": gpu,
+             "resumed_from_epoch": 0}  # > 0: restarted from a checkpoint of that many epochs
     trainable = [m for m in members if m.config is not None]
     groups: dict[tuple, list[Member]] = {}
     for m in trainable:  # members that can share one model (same shapes) train together
@@ -214,6 +217,8 @@ def run_trial(config: dict[str, Any]) -> None:
         for population, saved in zip(populations, state["populations"]):
             population.load_state_dict(saved)
         epoch_rows = state["epoch_rows"]
+        # Retried (a failure, a lost node) or resumed: how many epochs the checkpoint held.
+        extra["resumed_from_epoch"] = max((p.epoch for p in populations), default=0)
 
     def result_rows() -> list[dict[str, Any]]:
         by_index: dict[int, dict[str, Any]] = {}
@@ -350,7 +355,7 @@ class _CohortSearcher:
 
 # ====================================================================== driver callback
 def _fmt_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -434,11 +439,9 @@ class _SweepCallback:
     def _write(self, trial, rows, epoch_rows, error: str | None) -> None:
         self.writer.write(trial.trial_id, rows, epoch_rows)
         # The parts hold the rows now: keep Ray's experiment state small.
-        try:
+        with contextlib.suppress(Exception):
             trial.run_metadata.last_result = {k: v for k, v in trial.last_result.items()
                                               if k not in HEAVY_KEYS}
-        except Exception:
-            pass
         self._finished.add(trial.trial_id)
         self._finished_now += 1
         self._progress(trial.trial_id, rows, error)
@@ -517,6 +520,7 @@ class Plan:
     dataset: str
     resume: bool
     address: str | None
+    resources_per_trial: dict[str, float] = dataclasses.field(default_factory=dict)
     precision: str = "fp32"
     compile: bool = False
     checkpoint_seconds: float = 0.0
@@ -555,6 +559,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs per trial (fractions share a GPU); default 0")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial; default 1")
+    p.add_argument("--resources-per-trial", metavar="JSON",
+                   help='custom Ray resources per trial, e.g. \'{"a100": 1}\' (a JSON object of '
+                        "resource name to amount; nodes declare them with ray start "
+                        "--resources)")
     p.add_argument("--max-concurrent", type=int, help="most trials running at once")
     p.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local "
                                      "Ray sized to this machine)")
@@ -581,7 +589,8 @@ def _cohort(value: str) -> int | str:
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or auto, got {value!r}") from None
 
 
 def auto_cohort(first, corpus, num_samples: int, seeds: int, gpus_per_trial: float,
@@ -602,6 +611,34 @@ def _positive(value: Any, flag: str) -> None:
         raise ConfigError(f"{flag}: must be a positive integer, got {value}")
 
 
+def parse_resources(text: str | None) -> dict[str, float]:
+    """--resources-per-trial: a JSON object of custom resource name -> amount (>= 0)."""
+    flag = "--resources-per-trial"
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r} is not JSON; expected an object such as "
+                          '\'{"a100": 1}\'') from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object of resource name to amount, got "
+                          f"{text!r}")
+    resources = {}
+    for name, amount in value.items():
+        if name.lower() in ("cpu", "gpu", "memory", "object_store_memory"):
+            raise ConfigError(f"{flag}: {name!r} is not a custom resource; use --cpus-per-trial "
+                              "or --gpus-per-trial")
+        if (isinstance(amount, bool) or not isinstance(amount, (int, float))
+                or not math.isfinite(amount) or amount < 0):
+            raise ConfigError(f"{flag}: {name}: the amount must be a number >= 0, got "
+                              f"{amount!r}")
+        if not name:
+            raise ConfigError(f"{flag}: a resource name must not be empty")
+        resources[name] = float(amount)
+    return resources
+
+
 def make_plan(args) -> Plan:
     space = load_space(args.space)
     for flag in ("num_samples", "seeds", "max_concurrent", "train_chars", "val_chars"):
@@ -614,6 +651,7 @@ def make_plan(args) -> Plan:
         raise ConfigError(f"--cpus-per-trial: must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial: must be >= 0, got {args.gpus_per_trial}")
+    resources = parse_resources(args.resources_per_trial)
     overrides = {}
     for key, value in cli.parse_sets(args.set).items():
         check_key(key, "--set")
@@ -642,7 +680,7 @@ def make_plan(args) -> Plan:
                 max_concurrent=args.max_concurrent or defaults["max_concurrent"],
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                 overrides=overrides, data=data, dataset=corpus.name, resume=args.resume,
-                address=args.address)
+                address=args.address, resources_per_trial=resources)
     if args.name is not None and (not args.name or "/" in args.name
                                   or args.name.startswith(".")):
         raise ConfigError(f"--name: {args.name!r} must be a plain, non-empty name")
@@ -737,6 +775,17 @@ def _init_ray(plan: Plan) -> None:
         ray.init(address="local", num_cpus=os.cpu_count(), **common)
 
 
+def _trial_resources(plan: Plan) -> dict[str, tuple[str, float]]:
+    """Ray resource name -> (the flag that asks for it, amount per trial)."""
+    needs = {"CPU": ("--cpus-per-trial", plan.cpus_per_trial)}
+    if plan.gpus_per_trial > 0:
+        needs["GPU"] = ("--gpus-per-trial", plan.gpus_per_trial)
+    for name, amount in plan.resources_per_trial.items():
+        if amount > 0:
+            needs[name] = ("--resources-per-trial", amount)
+    return needs
+
+
 def _check_resources(plan: Plan) -> None:
     """A trial that can never be placed would wait forever: say so before starting."""
     import ray
@@ -744,22 +793,30 @@ def _check_resources(plan: Plan) -> None:
     if plan.address:  # a cluster may scale up to fit
         return
     resources = ray.cluster_resources()
-    for flag, need, have in (("--cpus-per-trial", plan.cpus_per_trial, resources.get("CPU", 0)),
-                             ("--gpus-per-trial", plan.gpus_per_trial, resources.get("GPU", 0))):
+    for name, (flag, need) in _trial_resources(plan).items():
+        have = resources.get(name, 0)
         if need > have:
-            raise ConfigError(f"{flag}: {need:g} requested but this machine's Ray has {have:g}")
+            what = "" if flag != "--resources-per-trial" else f" {name}"
+            raise ConfigError(f"{flag}:{what} {need:g} requested but this machine's Ray has "
+                              f"{have:g}")
 
 
-def _concurrency(plan: Plan) -> int:
-    import ray
-
+def _concurrency(plan: Plan, resources: dict[str, float] | None = None) -> int:
+    """Trials at once (and so trials Ray keeps pending): --max-concurrent; on a cluster
+    (--address) every trial, since an autoscaling cluster starts without the workers that will
+    run them and sizes itself to what is pending; else what this machine's Ray fits."""
     if plan.max_concurrent:
         return plan.max_concurrent
-    resources = ray.cluster_resources()
-    slots = int(resources.get("CPU", 1) // plan.cpus_per_trial)
-    if plan.gpus_per_trial > 0:
-        slots = min(slots, int(resources.get("GPU", 0) // plan.gpus_per_trial))
-    return max(1, min(slots, plan.num_trials))
+    if plan.address:
+        return plan.num_trials
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    slots = plan.num_trials
+    for name, (_, need) in _trial_resources(plan).items():
+        slots = min(slots, int(resources.get(name, 0) // need))
+    return max(1, slots)
 
 
 def _trainable(plan: Plan):
@@ -768,6 +825,7 @@ def _trainable(plan: Plan):
     resources = {"cpu": plan.cpus_per_trial}
     if plan.gpus_per_trial > 0:
         resources["gpu"] = plan.gpus_per_trial
+    resources.update(plan.resources_per_trial)  # custom resources: one bundle with the rest
     return tune.with_resources(run_trial, resources)
 
 
