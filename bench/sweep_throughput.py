@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=float, default=1.0, help="GPUs on this machine")
     parser.add_argument("--gpus-per-trial", type=float, default=1.0)
     parser.add_argument("--sweep-args", default="", help="more flags for ufw.sweep")
+    parser.add_argument("--out", help="record name in bench/results")
     args = parser.parse_args()
     results = Path(tempfile.mkdtemp(prefix="ufw-bench-"))
     command = [sys.executable, "-m", "ufw.sweep", args.space, "--num-samples",
@@ -60,9 +61,14 @@ def main() -> None:
               "cohort": args.cohort, "ray_trials": int(trials["trial_id"].nunique()),
               "mean_epochs_run": float(trials["epochs_run"].mean()),
               "best_ppl": float(trials["best_ppl"].min()),
+              # which GPU(s) Ray gave each trial, and how many configurations each trained
+              "configurations_per_gpu": {str(k): int(v) for k, v in
+                                         trials.groupby("gpu", dropna=False).size().items()},
+              "complete_rows": bool(trials["best_ppl"].notna().all()
+                                    and trials[["config_id", "seed"]].value_counts().max() == 1),
               "sweep_command": " ".join(command[1:])}
     print(record)
-    save(f"sweep_{'cuda' if args.gpus else 'cpu'}.json", record)
+    save(args.out or f"sweep_{'cuda' if args.gpus else 'cpu'}.json", record)
 
 
 if __name__ == "__main__":
