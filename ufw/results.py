@@ -43,7 +43,8 @@ RESULT_TYPES: dict[str, pa.DataType] = {
     "schedule": pa.string(), "alpha_start": pa.float64(), "alpha_end": pa.float64(),
     "alpha_steps": pa.string(), "exit_layers": pa.string(), "exit_thresholds": pa.string(),
     "best_ppl": pa.float64(), "best_epoch": pa.int64(), "acc": pa.float64(),
-    "shallow_ratio": pa.float64(), "compute_cost": pa.float64(), "exit_shares": pa.string(),
+    "shallow_ratio": pa.float64(), "compute_cost": pa.float64(),
+    "expert_ffns_per_token": pa.float64(), "exit_shares": pa.string(),
     "threshold_curve": pa.string(), "epochs_run": pa.int64(), "train_seconds": pa.float64(),
     "status": pa.string(), "error": pa.string(), "ufw_version": pa.string(),
     "torch_version": pa.string(), "device": pa.string(), "dataset": pa.string(),
@@ -56,8 +57,8 @@ _PREFIX_TYPES = {"layer_weight_": pa.float64(), "lr_scale_": pa.float64()}
 # The metric columns of a trials row, as a member that never finished an epoch has them.
 EMPTY_METRICS: dict[str, Any] = {
     "best_ppl": math.nan, "best_epoch": -1, "acc": math.nan, "shallow_ratio": math.nan,
-    "compute_cost": math.nan, "exit_shares": "[]", "threshold_curve": "[]", "epochs_run": 0,
-    "train_seconds": 0.0,
+    "compute_cost": math.nan, "expert_ffns_per_token": math.nan, "exit_shares": "[]",
+    "threshold_curve": "[]", "epochs_run": 0, "train_seconds": 0.0,
 }
 
 

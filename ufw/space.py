@@ -45,7 +45,8 @@ PARAM_KEYS = {"float": ("type", "low", "high", "log", "step", "condition"),
               "int": ("type", "low", "high", "log", "step", "condition"),
               "categorical": ("type", "choices", "condition")}
 # Metrics a trial reports per configuration (means over its seeds) that Optuna can optimise.
-METRICS = ("best_ppl", "acc", "shallow_ratio", "compute_cost", "train_seconds", "best_epoch")
+METRICS = ("best_ppl", "acc", "shallow_ratio", "compute_cost", "expert_ffns_per_token",
+           "train_seconds", "best_epoch")
 DIRECTIONS = ("minimize", "maximize")
 DEFAULT_KEYS = ("num_samples", "cohort", "seeds", "max_concurrent")
 # num_samples None: 8, or the whole grid with sampler grid.

@@ -109,14 +109,6 @@ def column_of(name: str) -> str | None:
         head)
 
 
-def empty_metrics() -> dict[str, Any]:
-    """The metric columns of a member without results, as Population.results() has them."""
-    from ufw import train
-
-    extra = getattr(train, "_empty_metrics", dict)()
-    return {**EMPTY_METRICS, **extra}
-
-
 def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
                 extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rows for members that never trained: their configuration, NaN metrics, the error."""
@@ -127,7 +119,7 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
         else:  # not even a configuration: the sampled values under their column names
             row = {column_of(k): v for k, v in m.params.items() if column_of(k)}
             row["config_id"] = None
-        row.update(member=m.index, cohort_size=len(members), **empty_metrics(),
+        row.update(member=m.index, cohort_size=len(members), **EMPTY_METRICS,
                    status="failed", error=m.error or error, ufw_version=ufw.__version__,
                    torch_version=str(torch.__version__), device=None,
                    dataset=spec.get("dataset"))

@@ -29,6 +29,7 @@ import ufw
 from ufw.config import ConfigError, UniversalConfig
 from ufw.data import Corpus
 from ufw.model import EarlyExitLM, ModelShape, is_confidence_head, layer_of
+from ufw.results import EMPTY_METRICS
 from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -409,15 +410,14 @@ class Population:
         """One result row per member: its configuration, best-epoch metrics and provenance."""
         rows = []
         for k, (config, member) in enumerate(zip(self.configs, self.members)):
-            row = config.flat()
-            row.update(member=k, cohort_size=len(self.configs), best_ppl=member.best_ppl,
-                       best_epoch=member.best_epoch, epochs_run=member.epochs_run,
+            row = {**config.flat(), **EMPTY_METRICS, **member.best}
+            row.update(member=k, cohort_size=len(self.configs), epochs_run=member.epochs_run,
                        train_seconds=member.train_seconds, status=member.status,
-                       error=member.error, **{**_empty_metrics(), **member.best},
-                       ufw_version=ufw.__version__, torch_version=torch.__version__,
-                       device=device_name(self.device), dataset=self.corpus.name)
-            if member.best_epoch < 0:
-                row["best_ppl"] = float("nan")
+                       error=member.error, ufw_version=ufw.__version__,
+                       torch_version=torch.__version__, device=device_name(self.device),
+                       dataset=self.corpus.name)
+            if member.best_epoch >= 0:
+                row.update(best_ppl=member.best_ppl, best_epoch=member.best_epoch)
             rows.append(row)
         return rows
 
@@ -448,12 +448,6 @@ def _best_metrics(stats: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
             "expert_ffns_per_token": float(stats["expert_ffns_per_token"][k]),
             "exit_shares": json.dumps([round(float(s), 6) for s in stats["exit_shares"][k]]),
             "threshold_curve": json.dumps(curve)}
-
-
-def _empty_metrics() -> dict[str, Any]:
-    nan = float("nan")
-    return {"acc": nan, "shallow_ratio": nan, "compute_cost": nan,
-            "expert_ffns_per_token": nan, "exit_shares": "[]", "threshold_curve": "[]"}
 
 
 def device_name(device: torch.device) -> str:
