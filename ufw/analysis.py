@@ -53,8 +53,10 @@ EPOCH_COLUMNS = ("trial_id", "member", "epoch", "val_ppl")
 NON_PARAM_COLUMNS = frozenset({
     "sweep", "trial_id", "member", "seed", "preset", "config_id",
     "best_ppl", "best_epoch", "acc", "shallow_ratio", "compute_cost", "epochs_run",
-    "train_seconds", "status", "error", "threshold_curve",
-    "ufw_version", "torch_version", "device", "dataset",
+    "train_seconds", "status", "error", "threshold_curve", "expert_ffns_per_token",
+    "exit_shares", "ufw_version", "torch_version", "device", "dataset",
+    # where and how a row was trained, not what was configured
+    "cohort_size", "node", "node_id", "gpu", "resumed_from_epoch",
 })
 
 
