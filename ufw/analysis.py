@@ -56,7 +56,8 @@ NON_PARAM_COLUMNS = frozenset({
     "train_seconds", "status", "error", "threshold_curve", "expert_ffns_per_token",
     "exit_shares", "ufw_version", "torch_version", "device", "dataset",
     # where and how a row was trained, not what was configured
-    "cohort_size", "node", "node_id", "gpu", "resumed_from_epoch",
+    "cohort_size", "node", "node_id", "gpu", "resumed_from_epoch", "started_at",
+    "finished_at", "setup_seconds",
 })
 
 

@@ -58,6 +58,8 @@ from ufw.space import (
 )
 from ufw.train import PRECISIONS, members_that_fit
 
+# Unix times of a trial's start and end, and its set-up before the first epoch (NaN: unknown).
+TRIAL_TIMES = {"started_at": math.nan, "finished_at": math.nan, "setup_seconds": math.nan}
 SPEC = "ufw"  # the trial config's key for everything that is not a sampled value
 MEMBERS = "members"  # cohort trials: the list of sampled points
 HEAVY_KEYS = ("rows", "epoch_rows")  # final-result keys the driver removes once written
@@ -125,7 +127,7 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
                    dataset=spec.get("dataset"))
         row.update(sweep=spec["sweep"], trial_id=None, preset=m.preset,
                    seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None,
-                   resumed_from_epoch=0)
+                   resumed_from_epoch=0, **TRIAL_TIMES)
         row.update(extra or {})
         rows.append(row)
     return rows
@@ -176,6 +178,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from ufw.train import Population
 
+    started = time.time()
     spec = config[SPEC]
     torch.set_num_threads(max(1, int(spec.get("cpus_per_trial", 1))))
     members = expand_members(spec, trial_points(config))
@@ -183,7 +186,9 @@ def run_trial(config: dict[str, Any]) -> None:
     context = ray.get_runtime_context()
     extra = {"sweep": spec["sweep"], "trial_id": tune.get_context().get_trial_id(),
              "node": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "gpu": gpu,
-             "resumed_from_epoch": 0}  # > 0: restarted from a checkpoint of that many epochs
+             "resumed_from_epoch": 0,  # > 0: restarted from a checkpoint of that many epochs
+             # where a trial's wall time goes (bench/sweep_throughput.py sums it up)
+             **TRIAL_TIMES, "started_at": started}
     trainable = [m for m in members if m.config is not None]
     groups: dict[tuple, list[Member]] = {}
     for m in trainable:  # members that can share one model (same shapes) train together
@@ -228,6 +233,8 @@ def run_trial(config: dict[str, Any]) -> None:
     last_checkpoint = [time.monotonic()]
 
     def report(final: bool) -> None:
+        if final:
+            extra["finished_at"] = time.time()
         rows = result_rows()
         values = point_objectives(spec, members, rows)
         metrics: dict[str, Any] = {
@@ -249,6 +256,7 @@ def run_trial(config: dict[str, Any]) -> None:
                         "epoch_rows": epoch_rows}, os.path.join(d, STATE_FILE))
             tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
+    extra["setup_seconds"] = time.time() - started  # corpus, model, checkpoint loading
     trained = False
     while not all(p.finished for p in populations):
         for group, population in zip(groups_list, populations):
