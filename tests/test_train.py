@@ -236,3 +236,16 @@ def test_readme_usage_runs():
     assert set(trainer.evaluate(model, corpus.val_batches)) == {"ppl", "acc", "shallow_ratio",
                                                                  "compute_cost"}
     assert "asymmetric_best" in PRESETS
+
+
+def test_threshold_curve_comes_from_the_same_evaluation(corpus):
+    """The per-member curve agrees with the routed metrics at the member's own threshold,
+    routes nothing at 0, and spends more compute as the threshold rises."""
+    row = train([tiny("lpt_routing", routing_threshold=0.7, max_epochs=2)], corpus)[0]
+    curve = {p["threshold"]: p for p in json.loads(row["threshold_curve"])}
+    assert curve[0.7]["ppl"] == pytest.approx(row["best_ppl"], rel=1e-6)
+    assert curve[0.7]["compute_cost"] == pytest.approx(row["compute_cost"], rel=1e-6)
+    assert curve[0.7]["shallow_ratio"] == pytest.approx(row["shallow_ratio"], abs=1e-7)
+    assert (curve[0.0]["compute_cost"], curve[0.0]["shallow_ratio"]) == (1.0, 0.0)
+    costs = [curve[t]["compute_cost"] for t in sorted(curve) if t > 0]
+    assert costs == sorted(costs) and costs[0] < 1.0

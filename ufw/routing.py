@@ -12,8 +12,9 @@ import torch
 
 # Thresholds at which every evaluation also reports routed PPL and compute cost: the
 # per-member threshold curve, free because it reuses the evaluation's forward pass.
-THRESHOLD_GRID = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99,
-                  1.0)
+# Low values matter for entropy and margin confidences, which rarely come near 1.
+THRESHOLD_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925,
+                  0.95, 0.975, 0.99, 1.0)
 
 
 def confidence(logits: torch.Tensor, method: str) -> torch.Tensor:
