@@ -249,3 +249,21 @@ def test_threshold_curve_comes_from_the_same_evaluation(corpus):
     assert (curve[0.0]["compute_cost"], curve[0.0]["shallow_ratio"]) == (1.0, 0.0)
     costs = [curve[t]["compute_cost"] for t in sorted(curve) if t > 0]
     assert costs == sorted(costs) and costs[0] < 1.0
+
+
+def test_blocks_above_every_weighted_exit_stay_untouched(corpus):
+    """Weights 1/0/0 train layer 1 alone: blocks 2 and 3 get no gradient and, as with
+    torch's AdamW, no update (no weight decay either); the seed API agrees."""
+    config = tiny(layer_weights={1: 1.0, 2: 0.0, 3: 0.0}, max_epochs=1)
+    population = Population([config], corpus)
+    before = {n: p.clone() for n, p in population.model.named_member_params()}
+    population.run_epoch()
+    after = dict(population.model.named_member_params())
+    assert all(torch.equal(before[n], after[n]) for n in before if n[0] in "23")
+    assert not torch.equal(before["1.wqkv"], after["1.wqkv"])
+    trainer = UniversalTrainer(config, corpus.vocab_size)
+    reference = trainer.create_model()
+    trainer.train_epoch(reference, trainer.create_optimizer(reference), corpus.train_batches)
+    for (name, p), (_, q) in zip(reference.named_member_params(),
+                                 population.model.named_member_params()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -63,9 +63,9 @@ class Objective:
         # fp32 master weights, optimizer and losses. Both trade exactness for GPU speed.
         self.device_type = torch.device(device).type
         self.bf16 = precision == "bf16"
-        if precision in ("tf32", "bf16"):
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        # Process-wide switches: set both ways, so an fp32 run after a bf16 one is exact again.
+        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
+        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16)
@@ -223,7 +223,9 @@ class PopulationAdamW:
         Per clip group (see `clip_groups`): learned confidence heads are clipped apart.
         """
         for group in self.clip_groups:
-            grads = [p.grad for p in group]
+            grads = [p.grad for p in group if p.grad is not None]
+            if not grads:
+                continue
             norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
             coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
             coef = torch.where(self.grad_clip > 0, coef, torch.ones_like(coef))
@@ -238,6 +240,8 @@ class PopulationAdamW:
         b1, b2 = self.betas
         bias1, bias2 = 1 - b1 ** self.steps, (1 - b2 ** self.steps).sqrt()
         for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs):
+            if p.grad is None:  # a block above every weighted exit: untouched, as torch's
+                continue        # AdamW leaves a parameter without a gradient
             shape = (-1, *[1] * (p.dim() - 1))
             lr = (lr * active).view(shape)
             p.mul_(1 - lr * self.weight_decay.view(shape))
