@@ -1,6 +1,7 @@
 """Training throughput at seed scale: model-epochs per second and peak memory per member.
 
     python bench/throughput.py --device cuda --K 1 16 64 256 [--eager] [--epochs 3]
+    python bench/throughput.py --device cpu --interleave --K --epochs 6
 
 Modes: `naive` is the straightforward single-model eager loop (bench/naive.py), `single` is
 ufw with K = 1, `population` is ufw with K members of different seeds and learning rates.
@@ -25,6 +26,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(run_epoch, epochs: int, device: str):
+    """Seconds for `epochs` epochs after one warm-up (allocator, kernels, graph capture), the
+    peak GPU memory meanwhile, and the last epoch's output."""
+    run_epoch()
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        out = run_epoch()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return time.perf_counter() - start, peak, out
+
+
 def measure_population(K: int, corpus, device: str, epochs: int, graphs: bool,
                        compile: bool = False, precision: str = "fp32") -> dict:
     # Different seeds and LRs, one shape; patience high so no member stops during timing.
@@ -32,16 +48,7 @@ def measure_population(K: int, corpus, device: str, epochs: int, graphs: bool,
         {"seed": k, "lr": 1e-3 * (1 + k % 4) / 2, "patience": 100}) for k in range(K)]
     population = Population(configs, corpus, device, cuda_graphs=graphs, compile=compile,
                             precision=precision)
-    population.run_epoch()  # warm-up: allocator, kernels, graph capture
-    sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(epochs):
-        rows = population.run_epoch()
-    sync(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    seconds, peak, rows = timed(population.run_epoch, epochs, device)
     return {"mode": "single" if K == 1 else "population", "K": K, "cuda_graphs": graphs,
             "compile": compile, "precision": precision,
             "last_val_ppl": [r["val_ppl"] for r in rows[:4]],
@@ -54,18 +61,30 @@ def measure_naive(corpus, device: str, epochs: int) -> dict:
 
     trainer = NaiveTrainer(preset("asymmetric_best").with_overrides({"patience": 100}),
                            corpus, device)
-    trainer.run_epoch()
-    sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(epochs):
-        trainer.run_epoch()
-    sync(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    seconds, peak, _ = timed(trainer.run_epoch, epochs, device)
     return {"mode": "naive", "K": 1, "cuda_graphs": False, "model_epochs_per_s": epochs / seconds,
             "seconds_per_epoch": seconds / epochs, "peak_mem_per_member_gib": peak}
+
+
+def measure_interleaved(corpus, epochs: int) -> list[dict]:
+    """Naive and ufw K = 1 on the CPU, epoch by epoch in turn, the same configuration: drift
+    of a shared machine (other jobs, clocks) hits both alike."""
+    from naive import NaiveTrainer
+
+    config = preset("asymmetric_best").with_overrides({"patience": 100})
+    runs = {"naive": NaiveTrainer(config, corpus, "cpu").run_epoch,
+            "single": Population([config], corpus, "cpu").run_epoch}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run_epoch in runs.values():
+        run_epoch()  # warm-up
+    for _ in range(epochs):
+        for name, run_epoch in runs.items():
+            start = time.perf_counter()
+            run_epoch()
+            times[name].append(time.perf_counter() - start)
+    return [{"mode": name, "K": 1, "interleaved": True, "epoch_seconds": t,
+             "seconds_per_epoch": sum(t) / len(t), "model_epochs_per_s": len(t) / sum(t),
+             "peak_mem_per_member_gib": None} for name, t in times.items()]
 
 
 def main() -> None:
@@ -78,12 +97,17 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the loss")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    parser.add_argument("--interleave", action="store_true",
+                        help="CPU: naive and ufw K=1 epoch by epoch in turn (then --K runs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     corpus = reference_corpus()
-    records = [] if args.no_naive else [measure_naive(corpus, args.device, args.epochs)]
-    if records:
-        print(records[-1], flush=True)
+    if args.interleave:
+        records = measure_interleaved(corpus, args.epochs)
+    else:
+        records = [] if args.no_naive else [measure_naive(corpus, args.device, args.epochs)]
+    for r in records:
+        print(r, flush=True)
     for K in args.K:
         cuda = args.device.startswith("cuda")
         for graphs in ([False, True] if cuda and args.eager else [cuda]):

@@ -267,3 +267,20 @@ def test_blocks_above_every_weighted_exit_stay_untouched(corpus):
     for (name, p), (_, q) in zip(reference.named_member_params(),
                                  population.model.named_member_params()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_threshold_curve_equals_routing_at_each_threshold():
+    """The batched curve gives, threshold by threshold, what routing at that threshold gives."""
+    from ufw.routing import THRESHOLD_GRID, threshold_curve
+
+    gen = torch.Generator().manual_seed(0)
+    E, K, N = 2, 3, 50
+    confs = torch.rand(E, K, N, generator=gen)
+    confs[0, 0, :5] = 1.0  # certain tokens, for threshold 1.0
+    ce = torch.rand(E + 1, K, N, generator=gen) * 3
+    right = torch.rand(E + 1, K, N, generator=gen) > 0.5
+    curve = threshold_curve(confs, ce, right, [1, 2], 3)
+    for g, t in enumerate(THRESHOLD_GRID):
+        one = routed_metrics(assign_exits(confs, torch.full((K, E), t)), ce, right, [1, 2], 3)
+        for key in ("ppl", "compute_cost", "shallow_ratio"):
+            torch.testing.assert_close(curve[key][:, g], one[key], msg=f"{key} at {t}")

@@ -38,14 +38,17 @@ def confidence(logits: torch.Tensor, method: str) -> torch.Tensor:
 def assign_exits(confs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Index of the exit each token leaves at: the first whose threshold it meets.
 
-    confs: [E, K, N] confidence at each early exit; thresholds: [K, E] (0 disables an exit).
-    Returns [K, N] with values 0..E, where E means the final layer.
+    confs: [E, K, N] confidence at each early exit; thresholds: [..., K, E] (0 disables an
+    exit; leading dims, e.g. a grid of thresholds, broadcast). Returns [..., K, N] with values
+    0..E, where E means the final layer.
     """
-    E = confs.shape[0]
-    meets = (confs >= thresholds.T[:, :, None]) & (thresholds.T[:, :, None] > 0)  # [E, K, N]
-    final = torch.full(meets.shape[1:], E, device=confs.device)
-    index = torch.arange(E, device=confs.device)[:, None, None].expand_as(meets)
-    return torch.where(meets, index, E).amin(0).minimum(final)
+    E, K, N = confs.shape
+    lead = thresholds.shape[:-2]
+    thr = thresholds.movedim(-1, 0)[..., None]  # [E, ..., K, 1]
+    confs = confs.reshape(E, *[1] * len(lead), K, N)
+    meets = (confs >= thr) & (thr > 0)  # [E, ..., K, N]
+    index = torch.arange(E, device=confs.device).reshape(E, *[1] * (meets.dim() - 1))
+    return torch.where(meets, index, E).amin(0)
 
 
 def routed_metrics(exit_index: torch.Tensor, ce: torch.Tensor, correct: torch.Tensor,
@@ -53,36 +56,39 @@ def routed_metrics(exit_index: torch.Tensor, ce: torch.Tensor, correct: torch.Te
                    experts_top_k: int = 1) -> dict[str, torch.Tensor]:
     """PPL, accuracy, shares and compute cost of a routing, per member.
 
-    exit_index [K, N] from `assign_exits`; ce, correct: [E+1, K, N] per exit, final last.
-    compute_cost = sum over tokens of the depth they ran to / (tokens * num_layers), in layer
-    units; expert_ffns_per_token = mean depth reached * experts_top_k, the FFNs (experts) a
-    token passes through (= mean depth for a dense FFN).
+    exit_index [..., K, N] from `assign_exits`; ce, correct: [E+1, K, N] per exit, final
+    last. compute_cost = sum over tokens of the depth they ran to / (tokens * num_layers), in
+    layer units; expert_ffns_per_token = mean depth reached * experts_top_k, the FFNs
+    (experts) a token passes through (= mean depth for a dense FFN). Results are [..., K].
     """
-    chosen = exit_index[None]
-    token_ce = ce.gather(0, chosen)[0]
-    token_correct = correct.gather(0, chosen)[0].float()
+    lead = exit_index.shape[:-2]
+
+    def per_token(values: torch.Tensor) -> torch.Tensor:  # the chosen exit's value
+        values = values.reshape(values.shape[0], *[1] * len(lead), *values.shape[1:])
+        return values.expand(values.shape[0], *exit_index.shape).gather(0, exit_index[None])[0]
+
     depths = torch.tensor([*exit_depths, num_layers], device=ce.device, dtype=torch.float32)
     shares = torch.stack([(exit_index == e).float().mean(-1) for e in range(len(depths))], -1)
     mean_depth = (shares * depths).sum(-1)
     return {
-        "ppl": token_ce.mean(-1).exp(),
-        "acc": token_correct.mean(-1),
-        "shallow_ratio": 1 - shares[:, -1],
+        "ppl": per_token(ce).mean(-1).exp(),
+        "acc": per_token(correct).float().mean(-1),
+        "shallow_ratio": 1 - shares[..., -1],
         "compute_cost": mean_depth / num_layers,
         "expert_ffns_per_token": mean_depth * experts_top_k,
-        "exit_shares": shares,  # [K, E+1]
+        "exit_shares": shares,  # [..., K, E+1]
     }
 
 
 def threshold_curve(confs: torch.Tensor, ce: torch.Tensor, correct: torch.Tensor,
                     exit_depths: list[int], num_layers: int,
                     grid: tuple[float, ...] = THRESHOLD_GRID) -> dict[str, torch.Tensor]:
-    """Routed metrics at every grid threshold (the same threshold at every exit): [K, G]."""
-    K = confs.shape[1]
-    rows = []
-    for t in grid:
-        thresholds = torch.full((K, confs.shape[0]), t, device=confs.device)
-        rows.append(routed_metrics(assign_exits(confs, thresholds), ce, correct, exit_depths,
-                                   num_layers))
-    return {key: torch.stack([r[key] for r in rows], 1)
-            for key in ("ppl", "compute_cost", "shallow_ratio")}
+    """Routed metrics at every grid threshold (the same threshold at every exit): [K, G].
+
+    One batched routing over the whole grid, not a loop: a few kernels whatever its size.
+    """
+    E, K, _ = confs.shape
+    thresholds = torch.tensor(grid, device=confs.device)[:, None, None].expand(-1, K, E)
+    metrics = routed_metrics(assign_exits(confs, thresholds), ce, correct, exit_depths,
+                             num_layers)
+    return {key: metrics[key].T for key in ("ppl", "compute_cost", "shallow_ratio")}
