@@ -47,8 +47,10 @@ def assign_exits(confs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     thr = thresholds.movedim(-1, 0)[..., None]  # [E, ..., K, 1]
     confs = confs.reshape(E, *[1] * len(lead), K, N)
     meets = (confs >= thr) & (thr > 0)  # [E, ..., K, N]
-    index = torch.arange(E, device=confs.device).reshape(E, *[1] * (meets.dim() - 1))
-    return torch.where(meets, index, E).amin(0)
+    exit_index = torch.full(meets.shape[1:], E, device=confs.device)
+    for e in reversed(range(E)):  # deepest first, so the first exit met has the last word
+        exit_index = torch.where(meets[e], e, exit_index)
+    return exit_index
 
 
 def routed_metrics(exit_index: torch.Tensor, ce: torch.Tensor, correct: torch.Tensor,
