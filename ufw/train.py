@@ -342,14 +342,19 @@ class Population:
             self._graphs[layers].replay()
         return self._total / len(self.corpus.train_x)
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   layers: tuple[int, ...]) -> torch.Tensor:
+        """One optimiser step on batch (x, y) with this epoch's weights; loss per member [K]."""
+        loss = self._loss(self.model, x, y, self._weights, list(layers))
+        loss.sum().backward()  # members share no parameters: one backward serves all
+        self.optimizer.clip_()
+        self.optimizer.step(self._active)
+        return loss.detach()
+
     def _epoch_body(self, layers: tuple[int, ...]) -> None:
         self._total.zero_()
         for x, y in zip(self.corpus.train_x, self.corpus.train_y):
-            loss = self._loss(self.model, x, y, self._weights, list(layers))
-            loss.sum().backward()  # members share no parameters: one backward serves all
-            self.optimizer.clip_()
-            self.optimizer.step(self._active)
-            self._total += loss.detach()
+            self._total += self.train_step(x, y, layers)
 
     def _capture(self, layers: tuple[int, ...]) -> torch.cuda.CUDAGraph:
         """Record one epoch as a CUDA graph (PyTorch's whole-network capture recipe).
@@ -361,11 +366,7 @@ class Population:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            x, y = self.corpus.train_x[0], self.corpus.train_y[0]
-            loss = self._loss(self.model, x, y, self._weights, list(layers))
-            loss.sum().backward()
-            self.optimizer.clip_()
-            self.optimizer.step(self._active)
+            self.train_step(self.corpus.train_x[0], self.corpus.train_y[0], layers)
         torch.cuda.current_stream().wait_stream(stream)
         for tensor, copy in zip(self._state_tensors(), saved):
             tensor.copy_(copy)
@@ -499,15 +500,11 @@ def members_that_fit(config: UniversalConfig, corpus: Corpus, device: str = "cud
     base = torch.cuda.memory_allocated(device)
     probe = Population([config.with_overrides({"seed": k}) for k in range(probe_members)],
                        corpus, device, cuda_graphs=False, precision=precision)
-    weights = probe.objective.layer_weights(0)
-    loss = probe.objective.loss(probe.model, probe.corpus.train_x[0], probe.corpus.train_y[0],
-                                weights, active_layers(weights))
-    loss.sum().backward()
-    probe.optimizer.clip_()
-    probe.optimizer.step(torch.ones(probe_members, device=probe.device))
+    layers = tuple(active_layers(probe.objective.layer_weights(0)))
+    probe.train_step(probe.corpus.train_x[0], probe.corpus.train_y[0], layers)
     probe.objective.evaluate(probe.model, zip(probe.corpus.val_x, probe.corpus.val_y))
     per_member = (torch.cuda.max_memory_allocated(device) - base) / probe_members
-    del probe, loss
+    del probe
     torch.cuda.empty_cache()
     return max(1, min(limit, int(free * memory_fraction * 0.7 / per_member)))
 
