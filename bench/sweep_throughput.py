@@ -54,20 +54,24 @@ def main() -> None:
     # member that ran longest (train_seconds accumulates while a member is running).
     training = trials.groupby("trial_id")["train_seconds"].max().sum()
     slots = max(1.0, args.gpus / args.gpus_per_trial) if args.gpus_per_trial else 1.0
-    # Where the rest goes: each Ray trial's set-up before its first epoch, its time after
-    # training (reports, checkpoints, results), and wall time when no trial was running at
-    # all (Ray's start and stop, scheduling, Optuna, the driver's writes).
+    # Where the rest goes: each Ray trial's set-up before its first epoch, its waits on the
+    # driver for its reports, its time after training (the final report), and wall time when
+    # no trial was running at all (Ray's start and stop, scheduling, Optuna, the driver's
+    # writes).
     per_trial = trials.groupby("trial_id").agg(
         started=("started_at", "min"), finished=("finished_at", "max"),
-        setup=("setup_seconds", "max"), train=("train_seconds", "max"))
+        setup=("setup_seconds", "max"), train=("train_seconds", "max"),
+        report=("report_seconds", "max"))
     busy, end = 0.0, -float("inf")
     for started, finished in sorted(zip(per_trial["started"], per_trial["finished"])):
         busy += max(0.0, finished - max(started, end))
         end = max(end, finished)
     breakdown = {"setup_seconds": float(per_trial["setup"].sum()),
+                 # waiting on the driver to take each epoch's report (and checkpoints)
+                 "report_seconds": float(per_trial["report"].sum()),
                  "after_training_seconds": float((per_trial["finished"] - per_trial["started"]
-                                                  - per_trial["setup"]
-                                                  - per_trial["train"]).sum()),
+                                                  - per_trial["setup"] - per_trial["train"]
+                                                  - per_trial["report"]).sum()),
                  "no_trial_running_seconds": float(wall - busy)}
     record = {"device": device_label("cuda" if args.gpus else "cpu"), "trials": len(trials),
               "completed": completed, "wall_seconds": wall,

@@ -57,7 +57,7 @@ NON_PARAM_COLUMNS = frozenset({
     "exit_shares", "ufw_version", "torch_version", "device", "dataset",
     # where and how a row was trained, not what was configured
     "cohort_size", "node", "node_id", "gpu", "resumed_from_epoch", "started_at",
-    "finished_at", "setup_seconds",
+    "finished_at", "setup_seconds", "report_seconds",
 })
 
 

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -58,8 +59,10 @@ from ufw.space import (
 )
 from ufw.train import PRECISIONS, members_that_fit
 
-# Unix times of a trial's start and end, and its set-up before the first epoch (NaN: unknown).
-TRIAL_TIMES = {"started_at": math.nan, "finished_at": math.nan, "setup_seconds": math.nan}
+# Unix times of a trial's start and end, its set-up before the first epoch, and the time it
+# waited on Ray for its progress reports and checkpoints (NaN: unknown).
+TRIAL_TIMES = {"started_at": math.nan, "finished_at": math.nan, "setup_seconds": math.nan,
+               "report_seconds": math.nan}
 SPEC = "ufw"  # the trial config's key for everything that is not a sampled value
 MEMBERS = "members"  # cohort trials: the list of sampled points
 HEAVY_KEYS = ("rows", "epoch_rows")  # final-result keys the driver removes once written
@@ -247,16 +250,20 @@ def run_trial(config: dict[str, Any]) -> None:
                            objective_values=json.dumps(values))
             tune.report(metrics)
             return
-        if time.monotonic() - last_checkpoint[0] < spec.get("checkpoint_seconds", 0):
+        start = time.monotonic()
+        if start - last_checkpoint[0] < spec.get("checkpoint_seconds", 0):
             tune.report(metrics)  # progress only: checkpoints of big populations are costly
-            return
-        last_checkpoint[0] = time.monotonic()
-        with tempfile.TemporaryDirectory() as d:
-            torch.save({"populations": [p.state_dict() for p in populations],
-                        "epoch_rows": epoch_rows}, os.path.join(d, STATE_FILE))
-            tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            last_checkpoint[0] = start
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"populations": [p.state_dict() for p in populations],
+                            "epoch_rows": epoch_rows}, os.path.join(d, STATE_FILE))
+                tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        # A function trainable's report waits until the driver has taken it.
+        extra["report_seconds"] += time.monotonic() - start
 
     extra["setup_seconds"] = time.time() - started  # corpus, model, checkpoint loading
+    extra["report_seconds"] = 0.0
     trained = False
     while not all(p.finished for p in populations):
         for group, population in zip(groups_list, populations):
@@ -293,6 +300,12 @@ class DefineByRun:
 class _CohortSearcher:
     """Asks an Optuna study for `cohort` configurations per Ray trial; tells it each result.
 
+    Asking is slow once a study is large (TPE refits its estimators for every parameter of
+    every configuration: seconds per cohort after a few thousand trials), and the driver
+    thread that would wait for it also serves every running trial's reports. So a cohort is
+    asked on a background thread, right after the last result was told: `suggest` returns None
+    (Tune asks again shortly) until it is ready.
+
     Picklable (the Optuna study lives in memory), so `Tuner.restore` continues the same study.
     `CohortSearcher` is this on top of ray.tune.search.Searcher (see `__getattr__` below).
     """
@@ -308,20 +321,51 @@ class _CohortSearcher:
         self.study = space.create_study()
         self.asked = 0
         self.pending: dict[str, list[int]] = {}  # Ray trial id -> Optuna trial numbers
+        # the next cohort: its points and their Optuna trial numbers, once asked
+        self.ready: tuple[list[dict], list[int]] | None = None
+        self._asking: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def suggest(self, trial_id: str) -> dict | None:
-        if trial_id in self.pending:  # asked again for the same trial: same points
-            return {MEMBERS: [self.study.trials[n].params for n in self.pending[trial_id]]}
-        if self.asked >= self.num_samples:
-            return "FINISHED"  # Searcher.FINISHED
-        points, numbers = [], []
-        for _ in range(min(self.cohort, self.num_samples - self.asked)):
-            trial = self.study.ask()
-            points.append(self.space.sample(trial))
-            numbers.append(trial.number)
-        self.asked += len(points)
-        self.pending[trial_id] = numbers
+        if trial_id in self.pending:  # asked again for the same trial: the same points
+            trials = self.study.get_trials(deepcopy=False)
+            return {MEMBERS: [trials[n].params for n in self.pending[trial_id]]}
+        if self.ready is None and self._asking is None:
+            if self.asked >= self.num_samples:
+                return "FINISHED"  # Searcher.FINISHED
+            size = min(self.cohort, self.num_samples - self.asked)
+            self.asked += size
+            self._asking = threading.Thread(target=self._ask, args=(size,), daemon=True,
+                                            name="ufw-cohort-ask")
+            self._asking.start()
+            self._wait_for_ask(0.05)  # a small study answers at once: no need to come back
+        elif self._asking is not None:
+            self._wait_for_ask(0.0)
+        if self.ready is None or self._asking is not None:
+            return None
+        (points, self.pending[trial_id]), self.ready = self.ready, None
         return {MEMBERS: points}
+
+    def _wait_for_ask(self, seconds: float | None) -> None:
+        """Wait up to `seconds` (None: until done) for the cohort being asked."""
+        self._asking.join(seconds)
+        if self._asking.is_alive():
+            return
+        self._asking = None
+        if self._error is not None:  # a sampler error: the sweep cannot go on
+            error, self._error = self._error, None
+            raise error
+
+    def _ask(self, size: int) -> None:
+        try:
+            points, numbers = [], []
+            for _ in range(size):
+                trial = self.study.ask()
+                points.append(self.space.sample(trial))
+                numbers.append(trial.number)
+            self.ready = points, numbers
+        except BaseException as e:
+            self._error = e
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -340,17 +384,26 @@ class _CohortSearcher:
             else:
                 self.study.tell(number, point if len(point) > 1 else point[0])
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The state without the asking thread: an ask in flight is finished first."""
+        if self._asking is not None:
+            self._wait_for_ask(None)
+        return {k: v for k, v in self.__dict__.items() if k != "_asking"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _asking=None)
+
     def save(self, checkpoint_path: str) -> None:
         import pickle
 
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+            pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str) -> None:
         import pickle
 
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            self.__setstate__(pickle.load(f))
 
 
 # ====================================================================== driver callback
