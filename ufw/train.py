@@ -386,19 +386,20 @@ class Population:
         train_loss = self.train_epoch().tolist()
         self.model.eval()
         stats = self.objective.evaluate(self.model, zip(self.corpus.val_x, self.corpus.val_y))
-        stats = {k: v.cpu() for k, v in stats.items()}
+        # Python numbers from here: indexing K tensors member by member costs more than this.
+        stats = {k: v.cpu().tolist() for k, v in stats.items()}
         seconds = time.perf_counter() - start
         rows = []
         for k, (config, member) in enumerate(zip(self.configs, self.members)):
             if member.status != "running":
                 continue
-            ppl = float(stats["ppl"][k])
+            ppl = stats["ppl"][k]
             member.epochs_run += 1
             member.train_seconds += seconds
             rows.append({"member": k, "epoch": self.epoch, "train_loss": train_loss[k],
-                         "val_ppl": ppl, "acc": float(stats["acc"][k]),
-                         "shallow_ratio": float(stats["shallow_ratio"][k]),
-                         "compute_cost": float(stats["compute_cost"][k]),
+                         "val_ppl": ppl, "acc": stats["acc"][k],
+                         "shallow_ratio": stats["shallow_ratio"][k],
+                         "compute_cost": stats["compute_cost"][k],
                          "alpha": config.get_layer_weights(self.epoch)[config.exits[0]]})
             if not math.isfinite(train_loss[k]):
                 ppl = math.nan
@@ -443,15 +444,16 @@ class Population:
                     "vocab": self.corpus.vocab, "state": self.model.member_state(k)}, path)
 
 
-def _best_metrics(stats: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
-    curve = [{"threshold": t, "ppl": float(stats["curve_ppl"][k, g]),
-              "compute_cost": float(stats["curve_compute_cost"][k, g]),
-              "shallow_ratio": float(stats["curve_shallow_ratio"][k, g])}
+def _best_metrics(stats: dict[str, list], k: int) -> dict[str, Any]:
+    """Member k's metrics of this epoch (`stats`: Objective.evaluate's, as lists)."""
+    curve = [{"threshold": t, "ppl": stats["curve_ppl"][k][g],
+              "compute_cost": stats["curve_compute_cost"][k][g],
+              "shallow_ratio": stats["curve_shallow_ratio"][k][g]}
              for g, t in enumerate(THRESHOLD_GRID)]
-    return {"acc": float(stats["acc"][k]), "shallow_ratio": float(stats["shallow_ratio"][k]),
-            "compute_cost": float(stats["compute_cost"][k]),
-            "expert_ffns_per_token": float(stats["expert_ffns_per_token"][k]),
-            "exit_shares": json.dumps([round(float(s), 6) for s in stats["exit_shares"][k]]),
+    return {"acc": stats["acc"][k], "shallow_ratio": stats["shallow_ratio"][k],
+            "compute_cost": stats["compute_cost"][k],
+            "expert_ffns_per_token": stats["expert_ffns_per_token"][k],
+            "exit_shares": json.dumps([round(s, 6) for s in stats["exit_shares"][k]]),
             "threshold_curve": json.dumps(curve)}
 
 
