@@ -124,15 +124,23 @@ def test_cohort_4_trains_populations_of_configurations_and_seeds(ray_local, tiny
 
 
 # ---------------------------------------------------------------------- (e) --set
-def test_set_overrides_reach_every_row(ray_local, tiny_space, tmp_path):
+def test_set_overrides_reach_every_row(ray_local, tiny_space, tmp_path, monkeypatch):
     space = tiny_space(SPACE, dim=32, num_heads=4, max_epochs=3)
     results = tmp_path / "results"
+    # Data files relative to where the sweep starts (Ray runs trials in their own directories)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "train.txt").write_text("the cat sat on the mat. " * 400)
+    (tmp_path / "text" / "valid.txt").write_text("a dog sat on a log. " * 200)
+    monkeypatch.chdir(tmp_path)
     code = run_sweep(space, results, "--num-samples", "2", "--name", "over",
                      "--set", "max_epochs=1", "--set", "dim=16", "--set", "lr=2e-3",
-                     "--gpus-per-trial", "0.5")
+                     "--gpus-per-trial", "0.5", "--train-file", "text/train.txt",
+                     "--val-file", "text/valid.txt")
     assert code == 0
     frame = read_trials(str(results / "over"))
     assert len(frame) == 2
+    assert set(frame["status"]) == {"completed"}
+    assert (frame["dataset"] == "train.txt[:8000]+valid.txt[:4000]").all()
     # The test session's Ray declares one GPU (conftest): each trial got half of GPU 0.
     assert (frame["gpu"] == "0").all()
     assert (frame["device"] != "cpu").all() if torch.cuda.is_available() else \

@@ -236,6 +236,12 @@ def run_trial(config: dict[str, Any]) -> None:
     last_checkpoint = [time.monotonic()]
 
     def report(final: bool) -> None:
+        """Report to Ray: every epoch, or with --checkpoint-seconds only when a checkpoint
+        is due, and at the end. A function trainable's report waits until the driver has taken
+        it, and checkpoints of big populations are costly."""
+        start = time.monotonic()
+        if not final and start - last_checkpoint[0] < spec.get("checkpoint_seconds", 0):
+            return
         if final:
             extra["finished_at"] = time.time()
         rows = result_rows()
@@ -250,16 +256,11 @@ def run_trial(config: dict[str, Any]) -> None:
                            objective_values=json.dumps(values))
             tune.report(metrics)
             return
-        start = time.monotonic()
-        if start - last_checkpoint[0] < spec.get("checkpoint_seconds", 0):
-            tune.report(metrics)  # progress only: checkpoints of big populations are costly
-        else:
-            last_checkpoint[0] = start
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"populations": [p.state_dict() for p in populations],
-                            "epoch_rows": epoch_rows}, os.path.join(d, STATE_FILE))
-                tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        # A function trainable's report waits until the driver has taken it.
+        last_checkpoint[0] = start
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"populations": [p.state_dict() for p in populations],
+                        "epoch_rows": epoch_rows}, os.path.join(d, STATE_FILE))
+            tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
         extra["report_seconds"] += time.monotonic() - start
 
     extra["setup_seconds"] = time.time() - started  # corpus, model, checkpoint loading
@@ -630,8 +631,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training loss (GPU: fuses element-wise work)")
     p.add_argument("--checkpoint-seconds", type=float, default=0.0,
-                   help="checkpoint a trial at most this often (0: every epoch); a large "
-                        "population's checkpoint is hundreds of MB, so on a GPU use e.g. 60")
+                   help="checkpoint a trial, and report its progress to Ray, at most this "
+                        "often (0: every epoch); a large population's checkpoint is hundreds "
+                        "of MB, so on a GPU use e.g. 60")
     p.set_defaults(data=None)  # a space's data section applies unless --data is given
     return p
 
@@ -692,6 +694,18 @@ def parse_resources(text: str | None) -> dict[str, float]:
     return resources
 
 
+def absolute_data_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """The data flags with their local paths made absolute (relative to this directory)."""
+    data = dict(data)
+    for key in ("train_file", "val_file"):
+        if data.get(key):
+            data[key] = os.path.abspath(os.path.expanduser(data[key]))
+    kind, _, directory = str(data["data"]).partition(":")
+    if kind == "wikitext2" and directory:
+        data["data"] = f"{kind}:{os.path.abspath(os.path.expanduser(directory))}"
+    return data
+
+
 def make_plan(args) -> Plan:
     space = load_space(args.space)
     for flag in ("num_samples", "seeds", "max_concurrent", "train_chars", "val_chars"):
@@ -715,6 +729,7 @@ def make_plan(args) -> Plan:
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     data.setdefault("data", "python-docs")
+    data = absolute_data_paths(data)  # Ray Tune runs trials in their own directories
     corpus = load_corpus(**data, batch_size=first.batch_size, seq_len=first.seq_len)
     defaults = space.defaults
     grid = space.sampler["type"] == "grid"
