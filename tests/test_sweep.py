@@ -34,7 +34,7 @@ REQUIRED_COLUMNS = [
     "train_seconds", "status", "error", "ufw_version", "torch_version", "device", "dataset",
 ]
 EPOCH_COLUMNS = ["sweep", "trial_id", "member", "seed", "config_id", "epoch", "train_loss",
-                 "val_ppl", "acc", "shallow_ratio", "compute_cost", "alpha"]
+                 "val_ppl", "acc", "shallow_ratio", "compute_cost", "alpha", "epoch_seconds"]
 
 SPACE = """
 parameters:
@@ -89,6 +89,7 @@ def test_cohort_1_writes_one_row_per_configuration(ray_local, tiny_space, tmp_pa
     assert set(per_trial.index) == set(frame["trial_id"])
     assert (per_trial == frame.set_index("trial_id")["epochs_run"].loc[per_trial.index]).all()
     assert not epochs.duplicated(["trial_id", "member", "epoch"]).any()
+    assert (epochs["epoch_seconds"] > 0).all()
     # Ray's experiment and the record of what ran sit beside the Parquet.
     assert (results / "c1" / "ray" / "tuner.pkl").exists()
     assert (results / "c1" / "sweep.json").exists()
@@ -223,6 +224,7 @@ def test_resume_after_the_driver_is_killed(ray_local, tiny_space, tmp_path):
     assert len(parts(results, name)) == num_samples
     epochs = read_epochs(str(results / name))
     assert not epochs.duplicated(["trial_id", "member", "epoch"]).any()
+    assert (epochs["epoch_seconds"] > 0).all()
     assert set(epochs["trial_id"]) == set(frame["trial_id"])
     assert not list((results / name / "trials").glob(".part-*"))  # no temporary files
 
@@ -316,6 +318,19 @@ def test_cohort_searcher_asks_in_the_background_and_keeps_an_ask_in_flight(tmp_p
     assert [t.state.name for t in restored.study.trials] == ["RUNNING"] * 4
     assert len(restored.suggest("b")["members"]) == 2  # ... and keeps what it asked
     assert restored.suggest("c") == "FINISHED"
+
+    # Once asking is slow, the next cohort is asked as soon as one is handed out.
+    for ask_ahead_seconds, asked_ahead in ((0.1, True), (10.0, False)):
+        searcher = sweep.CohortSearcher(space, num_samples=6, cohort=2)
+        searcher.space = SlowSpace(space, seconds=0.1)  # 0.2 s a cohort
+        searcher.ask_ahead_seconds = ask_ahead_seconds
+        suggest_when_ready(searcher, "a")
+        time.sleep(0.6)
+        assert (searcher.suggest("b") is not None) == asked_ahead
+        assert len(suggest_when_ready(searcher, "b")["members"]) == 2
+        assert len(suggest_when_ready(searcher, "c")["members"]) == 2
+        assert suggest_when_ready(searcher, "d") == "FINISHED"
+        assert len(searcher.study.trials) == 6
 
     broken = sweep.CohortSearcher(space, num_samples=4, cohort=2)
     broken.space = SlowSpace(space, seconds=0.0, fail=True)

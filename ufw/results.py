@@ -52,7 +52,7 @@ RESULT_TYPES: dict[str, pa.DataType] = {
     "started_at": pa.float64(), "finished_at": pa.float64(), "setup_seconds": pa.float64(),
     "report_seconds": pa.float64(),
     "epoch": pa.int64(), "train_loss": pa.float64(), "val_ppl": pa.float64(),
-    "alpha": pa.float64(),
+    "alpha": pa.float64(), "epoch_seconds": pa.float64(),
 }
 _PREFIX_TYPES = {"layer_weight_": pa.float64(), "lr_scale_": pa.float64()}
 

@@ -302,10 +302,13 @@ class _CohortSearcher:
     """Asks an Optuna study for `cohort` configurations per Ray trial; tells it each result.
 
     Asking is slow once a study is large (TPE refits its estimators for every parameter of
-    every configuration: seconds per cohort after a few thousand trials), and the driver
-    thread that would wait for it also serves every running trial's reports. So a cohort is
-    asked on a background thread, right after the last result was told: `suggest` returns None
-    (Tune asks again shortly) until it is ready.
+    every configuration: seconds per cohort after a thousand trials), and the driver thread
+    that would wait for it also serves every running trial's reports. So a cohort is asked on
+    a background thread: `suggest` returns None (Tune asks again shortly) until it is ready.
+    Once asking a cohort takes longer than `ask_ahead_seconds`, the next cohort is asked as
+    soon as one is handed out, so a GPU that frees up does not wait for Optuna; that cohort
+    is sampled without the results of the trials running then (as if one more trial ran at
+    once), which matters little in a study that large.
 
     Picklable (the Optuna study lives in memory), so `Tuner.restore` continues the same study.
     `CohortSearcher` is this on top of ray.tune.search.Searcher (see `__getattr__` below).
@@ -326,6 +329,15 @@ class _CohortSearcher:
         self.ready: tuple[list[dict], list[int]] | None = None
         self._asking: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.ask_seconds = 0.0  # how long the last cohort took to ask
+        self.ask_ahead_seconds = 1.0
+
+    def _start_asking(self) -> None:
+        size = min(self.cohort, self.num_samples - self.asked)
+        self.asked += size
+        self._asking = threading.Thread(target=self._ask, args=(size,), daemon=True,
+                                        name="ufw-cohort-ask")
+        self._asking.start()
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id in self.pending:  # asked again for the same trial: the same points
@@ -334,17 +346,15 @@ class _CohortSearcher:
         if self.ready is None and self._asking is None:
             if self.asked >= self.num_samples:
                 return "FINISHED"  # Searcher.FINISHED
-            size = min(self.cohort, self.num_samples - self.asked)
-            self.asked += size
-            self._asking = threading.Thread(target=self._ask, args=(size,), daemon=True,
-                                            name="ufw-cohort-ask")
-            self._asking.start()
+            self._start_asking()
             self._wait_for_ask(0.05)  # a small study answers at once: no need to come back
         elif self._asking is not None:
             self._wait_for_ask(0.0)
         if self.ready is None or self._asking is not None:
             return None
         (points, self.pending[trial_id]), self.ready = self.ready, None
+        if self.ask_seconds > self.ask_ahead_seconds and self.asked < self.num_samples:
+            self._start_asking()
         return {MEMBERS: points}
 
     def _wait_for_ask(self, seconds: float | None) -> None:
@@ -359,11 +369,13 @@ class _CohortSearcher:
 
     def _ask(self, size: int) -> None:
         try:
+            start = time.monotonic()
             points, numbers = [], []
             for _ in range(size):
                 trial = self.study.ask()
                 points.append(self.space.sample(trial))
                 numbers.append(trial.number)
+            self.ask_seconds = time.monotonic() - start
             self.ready = points, numbers
         except BaseException as e:
             self._error = e

@@ -400,7 +400,8 @@ class Population:
                          "val_ppl": ppl, "acc": stats["acc"][k],
                          "shallow_ratio": stats["shallow_ratio"][k],
                          "compute_cost": stats["compute_cost"][k],
-                         "alpha": config.get_layer_weights(self.epoch)[config.exits[0]]})
+                         "alpha": config.get_layer_weights(self.epoch)[config.exits[0]],
+                         "epoch_seconds": seconds})
             if not math.isfinite(train_loss[k]):
                 ppl = math.nan
             if member.observe(self.epoch, ppl, config.patience):
