@@ -303,12 +303,13 @@ class _CohortSearcher:
 
     Asking is slow once a study is large (TPE refits its estimators for every parameter of
     every configuration: seconds per cohort after a thousand trials), and the driver thread
-    that would wait for it also serves every running trial's reports. So a cohort is asked on
-    a background thread: `suggest` returns None (Tune asks again shortly) until it is ready.
-    Once asking a cohort takes longer than `ask_ahead_seconds`, the next cohort is asked as
-    soon as one is handed out, so a GPU that frees up does not wait for Optuna; that cohort
-    is sampled without the results of the trials running then (as if one more trial ran at
-    once), which matters little in a study that large.
+    that would wait for it also serves every running trial's reports. So cohorts are asked on
+    a background thread, and the next one as soon as one is handed out: a slot that frees up
+    gets its trial at once (and Ray Tune reuses the actor, CUDA context and compiled code
+    that the finished trial leaves; it keeps only one such actor while no trial waits). The
+    price: a cohort is sampled without the results of the trials running when it was asked,
+    as if one more trial ran at once. `suggest` returns None (Tune asks again shortly) while
+    a cohort is still being asked.
 
     Picklable (the Optuna study lives in memory), so `Tuner.restore` continues the same study.
     `CohortSearcher` is this on top of ray.tune.search.Searcher (see `__getattr__` below).
@@ -329,8 +330,6 @@ class _CohortSearcher:
         self.ready: tuple[list[dict], list[int]] | None = None
         self._asking: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.ask_seconds = 0.0  # how long the last cohort took to ask
-        self.ask_ahead_seconds = 1.0
 
     def _start_asking(self) -> None:
         size = min(self.cohort, self.num_samples - self.asked)
@@ -353,8 +352,8 @@ class _CohortSearcher:
         if self.ready is None or self._asking is not None:
             return None
         (points, self.pending[trial_id]), self.ready = self.ready, None
-        if self.ask_seconds > self.ask_ahead_seconds and self.asked < self.num_samples:
-            self._start_asking()
+        if self.asked < self.num_samples:
+            self._start_asking()  # the next cohort, ready when a slot frees up
         return {MEMBERS: points}
 
     def _wait_for_ask(self, seconds: float | None) -> None:
@@ -369,13 +368,11 @@ class _CohortSearcher:
 
     def _ask(self, size: int) -> None:
         try:
-            start = time.monotonic()
             points, numbers = [], []
             for _ in range(size):
                 trial = self.study.ask()
                 points.append(self.space.sample(trial))
                 numbers.append(trial.number)
-            self.ask_seconds = time.monotonic() - start
             self.ready = points, numbers
         except BaseException as e:
             self._error = e
