@@ -1,7 +1,7 @@
 """Training throughput at seed scale: model-epochs per second and peak memory per member.
 
     python bench/throughput.py --device cuda --K 1 16 64 256 [--eager] [--epochs 3]
-    python bench/throughput.py --device cpu --interleave --K --epochs 6
+    python bench/throughput.py --device cpu --interleave --K --epochs 6 [--compile]
 
 Modes: `naive` is the straightforward single-model eager loop (bench/naive.py), `single` is
 ufw with K = 1, `population` is ufw with K members of different seeds and learning rates.
@@ -66,25 +66,32 @@ def measure_naive(corpus, device: str, epochs: int) -> dict:
             "seconds_per_epoch": seconds / epochs, "peak_mem_per_member_gib": peak}
 
 
-def measure_interleaved(corpus, epochs: int) -> list[dict]:
+def measure_interleaved(corpus, epochs: int, compile: bool = False) -> list[dict]:
     """Naive and ufw K = 1 on the CPU, epoch by epoch in turn, the same configuration: drift
-    of a shared machine (other jobs, clocks) hits both alike."""
+    of a shared machine (other jobs, clocks) hits both alike. With `compile`, also ufw K = 1
+    with its loss compiled (the warm-up epoch compiles; a sweep's worker compiles once)."""
     from naive import NaiveTrainer
 
     config = preset("asymmetric_best").with_overrides({"patience": 100})
-    runs = {"naive": NaiveTrainer(config, corpus, "cpu").run_epoch,
-            "single": Population([config], corpus, "cpu").run_epoch}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run_epoch in runs.values():
-        run_epoch()  # warm-up
+    runs = {("naive", False): NaiveTrainer(config, corpus, "cpu").run_epoch,
+            ("single", False): Population([config], corpus, "cpu").run_epoch}
+    if compile:
+        runs["single", True] = Population([config], corpus, "cpu", compile=True).run_epoch
+    times: dict[tuple[str, bool], list[float]] = {name: [] for name in runs}
+    warm_up = {}
+    for name, run_epoch in runs.items():
+        start = time.perf_counter()
+        run_epoch()
+        warm_up[name] = time.perf_counter() - start
     for _ in range(epochs):
         for name, run_epoch in runs.items():
             start = time.perf_counter()
             run_epoch()
             times[name].append(time.perf_counter() - start)
-    return [{"mode": name, "K": 1, "interleaved": True, "epoch_seconds": t,
+    return [{"mode": mode, "K": 1, "compile": compiled, "interleaved": True,
+             "warm_up_seconds": warm_up[mode, compiled], "epoch_seconds": t,
              "seconds_per_epoch": sum(t) / len(t), "model_epochs_per_s": len(t) / sum(t),
-             "peak_mem_per_member_gib": None} for name, t in times.items()]
+             "peak_mem_per_member_gib": None} for (mode, compiled), t in times.items()]
 
 
 def main() -> None:
@@ -103,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     corpus = reference_corpus()
     if args.interleave:
-        records = measure_interleaved(corpus, args.epochs)
+        records = measure_interleaved(corpus, args.epochs, args.compile)
     else:
         records = [] if args.no_naive else [measure_naive(corpus, args.device, args.epochs)]
     for r in records:

@@ -130,6 +130,18 @@ def test_population_members_match_single_runs(corpus):
     assert len({round(r["best_ppl"], 3) for r in together}) == 4  # members really differ
 
 
+def test_compiled_loss_trains_like_eager(corpus):
+    """--compile (torch.compile of the loss, the GPU benchmarks' setting) changes only float
+    rounding: a population with an alpha schedule, 2 epochs, compiled vs eager."""
+    configs = [tiny("lpt_routing", seed=s, lr=1e-3 * (1 + s), max_epochs=2) for s in range(2)]
+    eager, compiled = (Population(configs, corpus, compile=c) for c in (False, True))
+    for _ in range(2):
+        for a, b in zip(eager.run_epoch(), compiled.run_epoch()):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+            assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-4)
+    assert compiled.finished and eager.finished
+
+
 def test_same_seed_same_result(corpus):
     a, b = (train([tiny("lpt_routing", seed=5)], corpus)[0] for _ in range(2))
     assert (a["best_ppl"], a["best_epoch"], a["acc"]) == (b["best_ppl"], b["best_epoch"],
