@@ -638,7 +638,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (exact, default); tf32 or bf16 trade exactness for GPU speed")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training loss (GPU: fuses element-wise work)")
+                   help="torch.compile the training loss (fuses element-wise work; each "
+                        "worker compiles once, in its first trial)")
     p.add_argument("--checkpoint-seconds", type=float, default=0.0,
                    help="checkpoint a trial, and report its progress to Ray, at most this "
                         "often (0: every epoch); a large population's checkpoint is hundreds "
