@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                               "base": base.to_dict(),
                               "variants": {v: VARIANTS[v][1] for v in variants}}
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_path = Path(tmp) / "teacher.pt"
+        teacher_path = Path(tmp) / "teacher.safetensors"
         if "teacher_distill" in variants:
             record["teacher"] = train_teacher(base, corpus, device, teacher_path)
             print(f"teacher (standard_llm, seed 0): {record['teacher']}", flush=True)

@@ -21,6 +21,10 @@ SCHEDULES = ("constant", "linear", "cosine", "step")
 CONFIDENCE_METHODS = ("max_softmax", "entropy", "margin", "learned")
 
 
+# Limits no real run reaches (a seed must also fit NumPy's and Parquet's integers).
+UPPER_BOUNDS = {"max_epochs": 100_000, "patience": 100_000, "seed": 2**32 - 1}
+
+
 class ConfigError(ValueError):
     """A user mistake in a configuration: the message names the field and what is allowed."""
 
@@ -159,6 +163,9 @@ class UniversalConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(key, "must be a non-negative integer", value)
+        for key, most in UPPER_BOUNDS.items():  # beyond these a value can only be a typo
+            if getattr(self, key) > most:
+                fail(key, f"must be at most {most:,}", getattr(self, key))
         for key in ("lr", "distillation_temperature"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -252,11 +259,17 @@ class UniversalConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> UniversalConfig:
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+            first = str(e).splitlines()[0] if str(e) else "cannot parse"
+            raise ConfigError(f"config file {path}: invalid YAML: {first}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: must be a mapping of config keys to "
+                              f"values, got a {type(data).__name__}")
         if "preset" in (data or {}):
             base = preset(data.pop("preset")).to_dict()
             return cls.from_dict({**base, **data})

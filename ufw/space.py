@@ -332,9 +332,11 @@ def space_from_dict(data: dict[str, Any]) -> SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"search space {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"search space {path}: not UTF-8 text") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -342,6 +344,9 @@ def load_space(path: str | Path) -> SearchSpace:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"search space {path}: invalid YAML{where}: {problem}") from None
+    if raw is None:  # it would train the default configuration num_samples times
+        raise ConfigError(f"search space {path}: the file is empty; give at least "
+                          "parameters to sample (docs/sweep.md)")
     return parse_space(raw, name=path.stem)
 
 
