@@ -65,7 +65,12 @@ def test_a_pickle_payload_as_teacher_does_not_run_and_is_refused(tmp_path, as_to
     assert not marker.exists()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert lines[0].startswith(f"error: teacher {evil}: not a ufw-model file")
+    assert lines[0] == (f"error: teacher: must be 'self' or the path of a saved ufw model, "
+                        f"got '{evil}'")
+    # Past the configuration's check, the loader itself refuses it too.
+    with pytest.raises(ConfigError, match="not a ufw-model file"):
+        load_teacher(str(evil), torch.device("cpu"), 3)
+    assert not marker.exists()
 
 
 def tiny_corpus():

@@ -17,10 +17,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY_FIXED
 
 from ufw import sweep
+from ufw.config import UniversalConfig
+from ufw.data import make_corpus
 from ufw.results import ResultsWriter, read_epochs, read_trials
 from ufw.space import parse_space
+from ufw.train import Population
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,18 +160,22 @@ def test_set_overrides_reach_every_row(ray_local, tiny_space, tmp_path, monkeypa
 # ---------------------------------------------------------------------- (d) failures
 def test_failed_and_diverged_trials_are_recorded_and_the_rest_complete(ray_local, tiny_space,
                                                                        tmp_path, capsys):
-    not_a_model = tmp_path / "teacher.pt"
-    not_a_model.write_text("this is not a torch file")
+    # A saved ufw model of another vocabulary: the trial's ConfigError cannot go away on a
+    # retry, so the trial is recorded failed at once (no "retrying").
+    other = make_corpus("other", "xyz " * 300, "zyx " * 100, batch_size=8, seq_len=32)
+    foreign = tmp_path / "teacher.safetensors"
+    Population([UniversalConfig(**TINY_FIXED)], other).save_member(0, str(foreign))
     space = tiny_space(f"""
         sampler: grid
         parameters:
           lr: {{type: categorical, choices: [2.0e-3, 1.0e+6]}}
-          teacher: {{type: categorical, choices: [self, "{not_a_model}"]}}
+          teacher: {{type: categorical, choices: [self, "{foreign}"]}}
     """)
     results = tmp_path / "results"
     assert run_sweep(space, results, "--name", "fail") == 0
-    out = capsys.readouterr().out
-    assert "trials 4/4" in out and "retrying" in out
+    captured = capsys.readouterr()
+    assert "trials 4/4" in captured.out and "retrying" not in captured.out
+    assert "[fail] 3 of 4 rows failed" in captured.err
 
     frame = read_trials(str(results / "fail"))
     assert len(frame) == 4 and frame["trial_id"].is_unique
@@ -177,10 +185,10 @@ def test_failed_and_diverged_trials_are_recorded_and_the_rest_complete(ray_local
     assert ok.status == "completed" and math.isfinite(ok.best_ppl) and not ok.error
     diverged = by[(1e6, True)]
     assert diverged.status == "failed" and "diverged" in diverged.error
-    for lr in (2e-3, 1e6):  # torch.load raises inside the trial: after retries, failed
+    for lr in (2e-3, 1e6):  # the teacher is refused inside the trial: failed, not retried
         raised = by[(lr, False)]
         assert raised.status == "failed"
-        assert "teacher" in raised.error or "load" in raised.error.lower()
+        assert "another vocabulary" in raised.error
         assert math.isnan(raised.best_ppl) and raised.epochs_run == 0
         assert raised.dim == 16 and raised.config_id  # the configuration is still there
     epochs = read_epochs(str(results / "fail"))

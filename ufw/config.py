@@ -221,7 +221,7 @@ class UniversalConfig:
                 0 <= self.distillation_alpha <= 1):
             fail("distillation_alpha", "must be in [0, 1]", self.distillation_alpha)
         if not isinstance(self.teacher, str) or (
-                self.teacher != "self" and not Path(self.teacher).is_file()):
+                self.teacher != "self" and not _is_saved_model(self.teacher)):
             fail("teacher", "must be 'self' or the path of a saved ufw model", self.teacher)
         if self.experts_top_k > self.num_experts:
             fail("experts_top_k", f"must be <= num_experts={self.num_experts}",
@@ -318,6 +318,13 @@ class UniversalConfig:
         data = self.to_dict()
         data.pop("seed")
         return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _is_saved_model(path: str) -> bool:
+    """Whether `path` is a model saved by ufw (its header only: cheap, and runs no code)."""
+    from ufw import tensorfile
+
+    return Path(path).is_file() and tensorfile.kind_of(path) == tensorfile.MODEL
 
 
 def _layer_key(field_name: str, key: Any) -> int:

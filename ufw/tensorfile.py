@@ -69,6 +69,17 @@ def load(path: str | os.PathLike, kind: str, device: str | torch.device = "cpu",
         raise ConfigError(f"{described}: damaged {kind} file (missing tensor {e})") from None
 
 
+def kind_of(path: str | os.PathLike) -> str | None:
+    """The kind of a file written by `save` (None: not one), from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # any other bytes
+        return None
+
+
 def _split(value: Any, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
     """The JSON tree of `value`, its tensors moved into `tensors` (`storages`: seen memory)."""
     if isinstance(value, torch.Tensor):

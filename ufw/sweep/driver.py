@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 from ufw import cli
@@ -15,6 +16,7 @@ from ufw.results import ResultsWriter, join, read_epochs, read_trials
 from ufw.space import Objective
 from ufw.sweep import callback, searchers
 from ufw.sweep.callback import error_line
+from ufw.sweep.lock import SweepLock
 from ufw.sweep.members import SPEC, column_of, expand_members, failed_rows, trial_points
 from ufw.sweep.plan import (
     Plan,
@@ -29,6 +31,11 @@ from ufw.sweep.trainable import run_trial, trial_dirname
 
 
 def _init_ray(plan: Plan) -> None:
+    if not plan.address:
+        # A local Ray serves this machine only. With this setting (Ray's own, meant for macOS
+        # and Windows) its node address is loopback and its servers listen on 127.0.0.1
+        # alone. Ray reads it on import; its processes inherit it from this environment.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():  # e.g. tests, notebooks: use the running instance
@@ -89,8 +96,9 @@ def make_tuner(plan: Plan):
                              callbacks=[sweep_callback]))
 
 
-def finalize(plan: Plan, grid) -> bool:
-    """Give every trial of the experiment its parts, drop parts of unknown trials.
+def finalize(plan: Plan, grid, lock: SweepLock | None = None) -> bool:
+    """Give every trial of the experiment its parts, drop parts of unknown trials (only
+    while this driver holds the sweep's lock).
 
     Returns whether the sweep is complete (every trial finished or failed).
     """
@@ -113,6 +121,10 @@ def finalize(plan: Plan, grid) -> bool:
                                                {"trial_id": trial_id}), [])
         else:
             complete = False
+    if lock is not None and not lock.held():
+        print(f"[{plan.name}] lost the sweep's lock to another driver: deleting nothing",
+              file=sys.stderr, flush=True)
+        return False
     for trial_id in writer.trial_ids() - known:
         writer.delete(trial_id)  # a trial the experiment forgot (driver killed before saving)
     writer.clean_temporary()
@@ -187,6 +199,16 @@ def _quiet_ray_logs() -> None:
 
 
 def run(plan: Plan) -> int:
+    lock = SweepLock(plan.sweep_uri)
+    with cli.user_errors():
+        lock.acquire()  # also the first write under --results: unwritable fails here
+    try:
+        return _run_locked(plan, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(plan: Plan, lock: SweepLock) -> int:
     from ray import tune
 
     with cli.user_errors():
@@ -204,12 +226,29 @@ def run(plan: Plan) -> int:
               flush=True)
         tuner = make_tuner(plan)
     grid = tuner.fit()
-    complete = finalize(plan, grid)
+    complete = finalize(plan, grid, lock)
     print(summary(plan), flush=True)
     if not complete:
         print(f"[{plan.name}] the sweep did not finish; continue it with: python -m ufw.sweep "
               f"{plan.space_path} --resume --name {plan.name} --results {plan.root}", flush=True)
         return 1
+    return failure_status(plan)
+
+
+def failure_status(plan: Plan) -> int:
+    """0 unless rows failed: a line saying how many (stderr) and 1 if all of them did."""
+    trials = read_trials(plan.sweep_uri)
+    failed = trials[trials["status"] == "failed"] if len(trials) else trials
+    if not len(failed):
+        return 0
+    first = failed["error"].dropna()
+    reason = f" (first error: {first.iloc[0]})" if len(first) else ""
+    if len(failed) == len(trials):
+        print(f"[{plan.name}] every row failed: {len(failed)} of {len(trials)}{reason}",
+              file=sys.stderr, flush=True)
+        return 1
+    print(f"[{plan.name}] {len(failed)} of {len(trials)} rows failed{reason}",
+          file=sys.stderr, flush=True)
     return 0
 
 
