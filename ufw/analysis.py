@@ -11,7 +11,6 @@ configuration and seed, ``RESULTS/epochs/`` one row per member per epoch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,6 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from scipy import stats
+
+from ufw.arguments import ArgumentParser
 
 __all__ = [
     "AnalysisError",
@@ -690,7 +691,7 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ufw.analysis RESULTS``: print the comparison table; user errors exit 2."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m ufw.analysis",
         description="Print the seed-averaged PPL comparison table of a sweep's results.",
     )

@@ -18,6 +18,7 @@ import ufw
 from ufw import cli
 from ufw.config import ConfigError
 from ufw.data import load_corpus
+from ufw.memory import check_fits
 from ufw.results import join
 from ufw.space import (
     SearchSpace,
@@ -212,6 +213,9 @@ def make_plan(args) -> Plan:
     if grid and num_samples > space.grid_size:
         raise ConfigError(f"--num-samples: {num_samples} is more than the grid's "
                           f"{space.grid_size} points")
+    if not space.parameters and num_samples > 1 and not args.resume:
+        raise ConfigError(f"parameters: none, so all {num_samples} samples would be the same "
+                          "configuration; give parameters, or --num-samples 1 and --seeds N")
     root = args.results
     if "://" not in root:
         root = os.path.abspath(os.path.expanduser(root))
@@ -229,6 +233,10 @@ def make_plan(args) -> Plan:
     if plan.cohort == "auto" and not plan.resume:
         plan.cohort = auto_cohort(first, corpus, num_samples, plan.seeds, plan.gpus_per_trial,
                                   plan.precision)
+    elif not plan.address:  # a trial's population, on this machine's device
+        members = min(plan.cohort, num_samples) * plan.seeds
+        on_gpu = plan.gpus_per_trial > 0 and torch.cuda.is_available()
+        check_fits(first, corpus.vocab_size, members, "cuda" if on_gpu else "cpu")
     if plan.resume:
         plan.name = plan.name or _latest_sweep(plan)
         if not can_restore(plan.experiment_path):
