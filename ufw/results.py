@@ -189,6 +189,24 @@ class ResultsWriter:
             if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
                 self.fs.delete_file(path)
 
+    def set_aside_damaged(self) -> dict[str, str]:
+        """Rename parts that are not readable Parquet (a truncated copy, a full disk) to
+        `_damaged-part-<trial_id>.parquet` (readers skip names starting with "_"), with their
+        trial's other part. Returns trial id -> what was wrong."""
+        damaged: dict[str, str] = {}
+        for kind in (TRIALS, EPOCHS):
+            for trial_id in sorted(self.trial_ids(kind)):
+                try:
+                    pq.read_metadata(self.part(kind, trial_id), filesystem=self.fs)
+                except (OSError, pa.ArrowException) as e:
+                    damaged.setdefault(trial_id, f"{kind} part: {str(e).splitlines()[0]}")
+        for trial_id in damaged:
+            for kind in (TRIALS, EPOCHS):
+                path = self.part(kind, trial_id)
+                if self.fs.get_file_info(path).type == pafs.FileType.File:
+                    self.fs.move(path, join(self.dir(kind), f"_damaged-part-{trial_id}.parquet"))
+        return damaged
+
     def clean_temporary(self) -> None:
         """Remove temporary files a killed driver left behind."""
         for kind in (TRIALS, EPOCHS):

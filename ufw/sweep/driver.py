@@ -26,6 +26,7 @@ from ufw.sweep.plan import (
     build_parser,
     make_plan,
 )
+from ufw.sweep.repair import set_aside_damaged_parts
 from ufw.sweep.searchers import DefineByRun
 from ufw.sweep.trainable import run_trial, trial_dirname
 
@@ -209,14 +210,18 @@ def run(plan: Plan) -> int:
 
 
 def _run_locked(plan: Plan, lock: SweepLock) -> int:
+    with cli.user_errors():
+        _init_ray(plan)  # first: it sets what Ray reads when imported
+        _check_resources(plan)
     from ray import tune
 
-    with cli.user_errors():
-        _init_ray(plan)
-        _check_resources(plan)
     _quiet_ray_logs()
     if plan.resume:
         print(f"[{plan.name}] resuming {plan.experiment_path}", flush=True)
+        damaged = set_aside_damaged_parts(plan.root, plan.name, plan.experiment_path)
+        for trial_id, what in damaged.items():
+            print(f"[{plan.name}] trial {trial_id}: damaged part ({what}); set aside as "
+                  f"_damaged-part-{trial_id}.parquet", file=sys.stderr, flush=True)
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(plan),
                                    resume_errored=True)
     else:
