@@ -3,7 +3,7 @@
 An independent reference for ufw (tests/test_extensions.py checks that ufw with K = 1 reaches
 the same best PPL and best epoch) and the "straightforward loop" baseline of the speed
 benchmarks (bench/throughput.py). It implements only the Universal Training Framework of
-DESIGN.md section 1 (weighted exits, alpha schedule, layer-wise LR, max-softmax routing,
+docs/design.md (weighted exits, alpha schedule, layer-wise LR, max-softmax routing,
 early stopping), none of ufw's extensions, and none of its population machinery.
 
 The weights start from `ufw.model.init_member(shape, seed)`, copied into nn.Linear layers

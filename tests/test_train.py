@@ -1,4 +1,4 @@
-"""The trainer's arithmetic and the population invariant (DESIGN.md sections 1-2)."""
+"""The trainer's arithmetic and the population invariant (docs/design.md)."""
 
 import json
 import math

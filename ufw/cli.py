@@ -25,7 +25,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parser(prog: str, description: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description=description)
-    data = p.add_argument_group("data (DESIGN.md section 6)")
+    data = p.add_argument_group("data (docs/design.md, section Data)")
     data.add_argument("--data", default="python-docs",
                       help="python-docs (offline, default) or wikitext2[:DIR]")
     data.add_argument("--train-file", help="any UTF-8 text file to train on")

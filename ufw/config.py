@@ -81,7 +81,7 @@ class UniversalConfig:
     normalize_weights: bool = False
     alpha_schedule: AlphaSchedule | None = None
     layer_lr_scales: dict[int, float] | None = None
-    # --- beyond the framework (DESIGN.md section 1, last paragraph) ---
+    # --- beyond the framework (docs/design.md, section Extensions) ---
     confidence_method: str = "max_softmax"
     confidence_loss_weight: float = 0.1  # weight of the learned confidence head's loss
     exit_layers: list[int] | None = None  # several exits; None means [exit_layer]
@@ -278,7 +278,7 @@ class UniversalConfig:
         return UniversalConfig.from_dict(data)
 
     def flat(self) -> dict[str, Any]:
-        """One column per value, as the Parquet schema (DESIGN.md section 4) names them."""
+        """One column per value, as the Parquet schema (docs/design.md) names them."""
         row: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -4,7 +4,7 @@ Every parameter carries a leading member axis: member k of a population is an in
 model with its own initialisation, and the population runs as batched matrix products
 (`torch.bmm`) instead of K separate models. K = 1 is a plain single model.
 
-Architecture (DESIGN.md section 1): token embedding, `num_layers` post-norm blocks
+Architecture (docs/design.md, section The method): token embedding, `num_layers` post-norm blocks
 RMSNorm(x + Attn(x)), RMSNorm(x + GLU-FFN(x)) with rotary causal attention, and ONE output
 head shared by every exit, so the logits of layer i are head(h_i). No biases.
 """

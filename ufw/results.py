@@ -1,7 +1,7 @@
-"""Sweep results as Parquet (DESIGN.md section 4): written by the sweep driver, read by anyone.
+"""Sweep results as Parquet, written by the sweep driver, read by anyone (docs/design.md).
 
 Layout under `<results>/<sweep>/` (a local directory or any pyarrow filesystem URI such as
-`s3://bucket/results` or `file:///shared/results`):
+`s3://bucket/results` or `file:///mnt/nfs/results`):
 
     trials/part-<trial_id>.parquet   one row per population member (configuration x seed)
     epochs/part-<trial_id>.parquet   one row per member per epoch

@@ -1,6 +1,6 @@
 """Training: K configurations of one shape trained at once as a population.
 
-`train(configs, corpus)` is the whole method of DESIGN.md section 1 as one function of its
+`train(configs, corpus)` is the whole method of docs/design.md as one function of its
 configurations (PureJaxRL's `make_train` idea): weighted multi-exit loss with per-member
 weights per epoch, AdamW with per-member, per-layer learning rates, per-member gradient
 clipping, routed evaluation, and early stopping per member. A member that stops is frozen
