@@ -581,7 +581,8 @@ class UniversalTrainer:
 def main(argv: list[str] | None = None) -> int:
     from ufw import cli
 
-    parser = cli.parser("python -m ufw.train", "Train one configuration; print its JSON row.")
+    parser = cli.parser("python -m ufw.train", "Train one configuration; print its JSON row "
+                                               "(every column: docs/design.md).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="a named preset: " + ", ".join(cli.preset_names()))
     source.add_argument("--config", help="a YAML file of UniversalConfig fields")

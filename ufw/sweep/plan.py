@@ -76,7 +76,8 @@ class Plan:
 def build_parser() -> cli.ArgumentParser:
     p = cli.parser("python -m ufw.sweep",
                    "Sweep early-exit training hyperparameters with Ray Tune + Optuna; "
-                   "results go to Parquet (see docs/sweep.md).")
+                   "results go to Parquet (see docs/sweep.md; every column: "
+                   "docs/design.md).")
     p.add_argument("space", metavar="SPACE", help="search space YAML (search_spaces/*.yaml)")
     p.add_argument("--num-samples", type=int, help="configurations to sample")
     p.add_argument("--cohort", type=_cohort,
