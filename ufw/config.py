@@ -37,7 +37,7 @@ class AlphaSchedule:
     schedule_type: str = "constant"
     start: float = 0.7
     end: float = 0.5
-    steps: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # epochs, counted from 0, of each drop
 
     def get_alpha(self, epoch: int, max_epochs: int) -> float:
         progress = min(1.0, epoch / max(1, max_epochs - 1))
