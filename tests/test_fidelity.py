@@ -2,6 +2,7 @@
 and experiments/models.py): its initial weight distributions, torch's AdamW arithmetic, its
 defaults, and its public call signatures (docs/fidelity.md)."""
 
+import dataclasses
 import inspect
 import math
 
@@ -119,6 +120,12 @@ def test_public_signatures_are_the_frameworks():
         assert shown == params, method
     assert list(inspect.signature(AlphaSchedule.get_alpha).parameters) == [
         "self", "epoch", "max_epochs"]
+    # positional construction as in the framework: its fields first, in its order
+    assert [f.name for f in dataclasses.fields(UniversalConfig)][:6] == [
+        "layer_weights", "exit_layer", "routing_threshold", "normalize_weights",
+        "alpha_schedule", "layer_lr_scales"]
+    assert [f.name for f in dataclasses.fields(AlphaSchedule)] == [
+        "schedule_type", "start", "end", "steps"]
 
 
 def test_a_script_in_the_frameworks_style_runs_and_agrees_with_ufw_train(corpus):
