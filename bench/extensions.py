@@ -66,7 +66,7 @@ def train_teacher(base: UniversalConfig, corpus: Corpus, device: str, path: Path
                   "seq_len", "lr")} | {"seed": 0})
 
     def keep_best(population: Population, rows: list[dict]) -> None:
-        if population.members[0].best_epoch == population.epoch - 1:
+        if population.members[0].best_epoch == population.epoch:  # the epoch just run
             population.save_member(0, str(path))
 
     row = train([config], corpus, device, on_epoch=keep_best)[0]

@@ -185,14 +185,14 @@ class NaiveTrainer:
 def train_naive(config: UniversalConfig, corpus: Corpus, device: str = "cpu") -> dict[str, float]:
     """Train with early stopping; best_ppl, best_epoch, epochs_run and seconds_per_epoch."""
     trainer = NaiveTrainer(config, corpus, device)
-    best_ppl, best_epoch, bad_epochs, best = math.inf, -1, 0, {}
+    best_ppl, best_epoch, bad_epochs, best = math.inf, 0, 0, {}
     start = time.perf_counter()
     for epoch in range(config.max_epochs):
         stats = trainer.run_epoch()
         if not math.isfinite(stats["ppl"]):
             break
         if stats["ppl"] < best_ppl:
-            best_ppl, best_epoch, bad_epochs, best = stats["ppl"], epoch, 0, stats
+            best_ppl, best_epoch, bad_epochs, best = stats["ppl"], epoch + 1, 0, stats
         else:
             bad_epochs += 1
             if bad_epochs > config.patience:

@@ -169,7 +169,7 @@ def test_set_overrides_reach_every_row(ray_local, tiny_space, tmp_path, monkeypa
     assert (frame["epochs_run"] == 1).all()
     assert (frame["lr"] == 0.002).all()  # --set wins over the sampled value
     epochs = read_epochs(str(results / "over"))
-    assert len(epochs) == 2 and (epochs["epoch"] == 0).all()
+    assert len(epochs) == 2 and (epochs["epoch"] == 1).all()  # epochs count from 1
 
 
 # ---------------------------------------------------------------------- (d) failures

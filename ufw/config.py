@@ -19,6 +19,7 @@ import yaml
 
 SCHEDULES = ("constant", "linear", "cosine", "step")
 CONFIDENCE_METHODS = ("max_softmax", "entropy", "margin", "learned")
+ALPHA = "\N{GREEK SMALL LETTER ALPHA}"  # describe() writes alpha as the framework does
 
 
 class ConfigError(ValueError):
@@ -29,13 +30,14 @@ class ConfigError(ValueError):
 class AlphaSchedule:
     """Weight of the first exit over training; `1 - alpha` goes to the last layer.
 
-    Evaluated per epoch with progress = min(1, epoch / max(1, max_epochs - 1)).
+    Evaluated per epoch (counted from 0, as the framework's `train_epoch(epoch=...)` passes
+    it) with progress = min(1, epoch / max(1, max_epochs - 1)). Defaults are the framework's.
     """
 
     schedule_type: str = "constant"
-    start: float = 0.5
+    start: float = 0.7
     end: float = 0.5
-    steps: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # epochs, counted from 0, of each drop
 
     def get_alpha(self, epoch: int, max_epochs: int) -> float:
         progress = min(1.0, epoch / max(1, max_epochs - 1))
@@ -54,6 +56,15 @@ class AlphaSchedule:
             return max(alpha, self.end) if self.start >= self.end else min(alpha, self.end)
         raise ConfigError(f"alpha_schedule.schedule_type: unknown {self.schedule_type!r}, "
                           f"allowed: {', '.join(SCHEDULES)}")
+
+    def describe(self) -> str:
+        """One line for humans, as the framework writes it (e.g. "alpha: 0.9 -> 0.5 (cosine)",
+        with the Greek letter and an arrow)."""
+        if self.schedule_type == "constant":
+            return f"{ALPHA}={self.start} (constant)"
+        if self.schedule_type == "step":
+            return f"{ALPHA}: {self.start}\N{RIGHTWARDS ARROW}{self.end} (step at {self.steps})"
+        return f"{ALPHA}: {self.start}\N{RIGHTWARDS ARROW}{self.end} ({self.schedule_type})"
 
     def validate(self) -> None:
         if self.schedule_type not in SCHEDULES:
@@ -77,7 +88,7 @@ class UniversalConfig:
     # --- the Universal Training Framework ---
     layer_weights: dict[int, float] = field(default_factory=lambda: {1: 0.0, 2: 0.0, 3: 1.0})
     exit_layer: int = 1
-    routing_threshold: float = 0.0  # 0 disables routing: every token goes deep
+    routing_threshold: float = 0.95  # 0 disables routing: every token goes deep
     normalize_weights: bool = False
     alpha_schedule: AlphaSchedule | None = None
     layer_lr_scales: dict[int, float] | None = None
@@ -118,17 +129,49 @@ class UniversalConfig:
             return [float(self.exit_thresholds[e]) for e in self.exits]
         return [float(self.routing_threshold)] * len(self.exits)
 
+    @property
+    def has_routing(self) -> bool:
+        """Routing is on: a threshold > 0 (a token leaves early when its confidence meets it)."""
+        return any(t > 0 for t in self.thresholds)
+
+    @property
+    def has_dynamic_alpha(self) -> bool:
+        """An alpha schedule that changes over training (a constant one does not)."""
+        return self.alpha_schedule is not None and self.alpha_schedule.schedule_type != "constant"
+
+    @property
+    def has_layer_lr(self) -> bool:
+        return self.layer_lr_scales is not None
+
+    def describe(self) -> str:
+        """One line for humans, in the framework's words: weights, routing, alpha, LR scales."""
+        weights = ", ".join(f"L{k}:{v:.2f}" for k, v in sorted(self.layer_weights.items()))
+        routing = f"threshold={self.routing_threshold}" if self.has_routing else "disabled"
+        text = f"Weights: [{weights}], Routing: {routing}"
+        if self.has_dynamic_alpha:
+            text += f", {self.alpha_schedule.describe()}"
+        if self.layer_lr_scales is not None:
+            scales = ", ".join(f"L{k}:{v:.2f}x" for k, v in sorted(self.layer_lr_scales.items()))
+            text += f", LR scales: [{scales}]"
+        return text
+
     def get_layer_weights(self, epoch: int = 0, max_epochs: int | None = None) -> dict[int, float]:
-        """Loss weight of every layer (1-indexed) at this epoch, after alpha and normalisation."""
+        """Loss weight of every layer (1-indexed) at this epoch (counted from 0).
+
+        The framework's order: `normalize_weights` scales the configured weights to sum 1
+        (once: they do not depend on the epoch), then an alpha schedule overwrites the first
+        exit's weight with alpha and the last layer's with 1 - alpha; middle layers keep
+        their (normalised) weight. `max_epochs` None means the configuration's.
+        """
         weights = {i: float(self.layer_weights.get(i, 0.0)) for i in range(1, self.num_layers + 1)}
-        if self.alpha_schedule is not None:
-            alpha = self.alpha_schedule.get_alpha(epoch, max_epochs or self.max_epochs)
-            weights[self.exits[0]] = alpha
-            weights[self.num_layers] = 1.0 - alpha
         if self.normalize_weights:
             total = sum(weights.values())
             if total > 0:
                 weights = {i: w / total for i, w in weights.items()}
+        if self.alpha_schedule is not None:
+            alpha = self.alpha_schedule.get_alpha(epoch, max_epochs or self.max_epochs)
+            weights[self.exits[0]] = alpha
+            weights[self.num_layers] = 1.0 - alpha
         if not any(weights.values()):  # every weight 0: train the final layer alone
             weights[self.num_layers] = 1.0
         return weights
