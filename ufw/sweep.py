@@ -52,8 +52,8 @@ from ufw.space import (
     SearchSpace,
     as_number,
     build_config,
-    check_key,
     is_numeric_key,
+    knob_name,
     load_space,
     space_from_dict,
 )
@@ -731,7 +731,7 @@ def make_plan(args) -> Plan:
     resources = parse_resources(args.resources_per_trial)
     overrides = {}
     for key, value in cli.parse_sets(args.set).items():
-        check_key(key, "--set")
+        key = knob_name(key, "--set")
         overrides[key] = as_number(value) if is_numeric_key(key) else value
     first = space.validate_configs(overrides)
     data = dict(space.data)
