@@ -122,7 +122,9 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def rerun_command(results: str, config_id: str, seed: int | None = None) -> str:
-    """The command line that re-trains a row (printed by the sweep's summary)."""
-    seed_flag = "" if seed is None else f" --seed {seed}"
-    return f"python -m ufw.train --from {sweep_dir(results)} --config-id {config_id}{seed_flag}"
+def rerun_command(results: str, config_id: str, seed: int | None = None,
+                  device: str | None = None) -> str:
+    """The command line that re-trains a row (the sweep's summary prints it)."""
+    flags = "".join(f" --{flag} {value}" for flag, value in (("seed", seed), ("device", device))
+                    if value is not None)
+    return f"python -m ufw.train --from {sweep_dir(results)} --config-id {config_id}{flags}"
