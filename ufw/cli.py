@@ -33,8 +33,9 @@ def parser(prog: str, description: str) -> ArgumentParser:
     data.add_argument("--train-chars", type=int, help="use the first N training characters")
     data.add_argument("--val-chars", type=int, help="use the first N validation characters")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (YAML syntax), e.g. --set max_epochs=2 "
-                        "--set layer_weights.1=0.5; repeatable")
+                   help="override a knob (YAML syntax; names: docs/knobs.md), e.g. "
+                        "--set max_epochs=2 "
+                        "--set layer_weight_1=0.5; repeatable")
     return p
 
 
