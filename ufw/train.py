@@ -645,23 +645,45 @@ class UniversalTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ufw import cli
+    from ufw import cli, rerun
 
     parser = cli.parser("python -m ufw.train", "Train one configuration; print its JSON row "
                                                "(every column: docs/design.md).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="a named preset: " + ", ".join(cli.preset_names()))
-    source.add_argument("--config", help="a YAML file of UniversalConfig fields")
-    parser.add_argument("--seed", type=int, help="random seed (initialisation)")
+    source.add_argument("--config", help="a YAML file of config keys (docs/knobs.md)")
+    source.add_argument("--from", dest="results", metavar="RESULTS",
+                        help="re-train a row of a sweep (RESULTS: results/<sweep>), with "
+                             "--config-id: its configuration on the sweep's data")
+    parser.add_argument("--config-id", help="with --from: the row's config_id (or a prefix)")
+    parser.add_argument("--seed", type=int, help="random seed (initialisation); with --from: "
+                                                 "which seed of the row (default: its first)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
+    if (args.results is None) != (args.config_id is None):
+        parser.error("--from and --config-id go together")
     with cli.user_errors():
-        config = cli.config_from_args(args)
-        corpus = cli.corpus_from_args(args, config)
         device = cli.check_device(args.device)
+        data, preset, again = None, args.preset, None
+        if args.results is not None:
+            again = rerun.rerun_of(args.results, args.config_id, args.seed)
+            config = again.config.with_overrides(cli.parse_sets(args.set))
+            data, preset = again.data, again.preset
+            if data is None and all(getattr(args, k) is None for k in cli.DATA_KEYS):
+                raise ConfigError(f"--from {args.results}: no sweep.json records its data; "
+                                  f"give the data flags (the row says {again.row['dataset']})")
+            for note in again.notes:
+                print(f"note: {note}", file=sys.stderr)
+        else:
+            config = cli.config_from_args(args)
+        corpus = cli.corpus_from_args(args, config, data)
         # Still a user error while training starts: a teacher of another vocabulary.
         row = train([config], corpus, device)[0]
-    row["preset"] = args.preset
+    row["preset"] = preset
+    if again is not None and again.row.get("best_ppl") and again.config.seed == again.row["seed"]:
+        before = again.row["best_ppl"]
+        print(f"note: best_ppl {row['best_ppl']:.6f}, the row's {before:.6f} (relative "
+              f"difference {abs(row['best_ppl'] - before) / before:.1e})", file=sys.stderr)
     # Strict JSON: NaN (no best epoch, no alpha schedule) becomes null.
     row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
     print(json.dumps(row))
