@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import ufw
-from ufw.config import ConfigError, UniversalConfig
+from ufw.config import ConfigError, UniversalConfig, canonical_knob, knob_field
 from ufw.results import EMPTY_METRICS
 from ufw.space import Objective, build_config
 
@@ -65,12 +65,12 @@ def expand_members(spec: dict[str, Any], points: list[dict[str, Any]]) -> list[M
 
 
 def column_of(name: str) -> str | None:
-    """The Parquet column of a parameter name (None: it has no column of its own)."""
-    head, dot, rest = name.partition(".")
-    if not dot:
+    """The Parquet column of a parameter: its canonical knob name (docs/knobs.md); None for
+    `exit_thresholds.N`, an entry of the list column `exit_thresholds`."""
+    if name == "preset":
         return name
-    return {"layer_weights": f"layer_weight_{rest}", "layer_lr_scales": f"lr_scale_{rest}"}.get(
-        head)
+    canonical = canonical_knob(name)
+    return None if knob_field(canonical)[0] == "exit_thresholds" else canonical
 
 
 def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
