@@ -93,7 +93,7 @@ T, S, A = "train", "sweep", "analysis"
 TRAIN = ["--preset", "standard_llm", "--train-file", "train.txt", "--val-file", "val.txt"]
 CASES = [
     # ------------------------------------------------------------------ ufw.train
-    Case("no configuration", T, [], "one of the arguments --preset --config is required"),
+    Case("no configuration", T, [], "is required"),
     Case("unknown preset", T, ["--preset", "best"], "preset: unknown 'best'"),
     Case("--config missing", T, ["--config", "nope.yaml"], "No such file"),
     Case("--config not UTF-8", T, ["--config", "latin1.yaml"], "not UTF-8"),
@@ -113,7 +113,7 @@ CASES = [
          "routing_threshold"),
     Case("--set num_heads=3", T, [*TRAIN, "--set", "num_heads=3"], "num_heads"),
     Case("--set layer_weights.9", T, [*TRAIN, "--set", "layer_weights.9=1"], "layer_weights"),
-    Case("--set layer_weights.x", T, [*TRAIN, "--set", "layer_weights.x=1"], "layer numbers"),
+    Case("--set layer_weights.x", T, [*TRAIN, "--set", "layer_weights.x=1"], "layer_weights.x"),
     Case("--set exit_layer=3", T, [*TRAIN, "--set", "exit_layer=3"], "exit_layer"),
     Case("--set batch_size=0", T, [*TRAIN, "--set", "batch_size=0"], "batch_size"),
     Case("--set experts_top_k > num_experts", T, [*TRAIN, "--set", "experts_top_k=2"],
