@@ -210,6 +210,12 @@ def run(plan: Plan) -> int:
         lock.acquire()  # also the first write under --results: unwritable fails here
     try:
         return _run_locked(plan, lock)
+    except KeyboardInterrupt:  # Ctrl-C before Tune runs (during Ray's start); Tune handles
+        # it itself while trials run, and the summary then says how to resume
+        print(f"[{plan.name}] interrupted; continue it with: python -m ufw.sweep "
+              f"{plan.space_path} --resume --name {plan.name} --results {plan.root}",
+              file=sys.stderr, flush=True)
+        return 130
     finally:
         lock.release()
 
