@@ -111,6 +111,19 @@ def _steps(value: Any, key: str) -> list[int]:
     raise ConfigError(f"{key}: expected a list of epochs (or a string '2,4'), got {value!r}")
 
 
+def parameter_column(name: str) -> str | None:
+    """The Parquet column of a parameter name (None: it has no column of its own).
+
+    Per-layer keys have one column per layer (`layer_weights.1` -> `layer_weight_1`);
+    `exit_thresholds.N` lives in the JSON column `exit_thresholds`, shared by every exit.
+    """
+    head, dot, rest = name.partition(".")
+    if not dot:
+        return name
+    return {"layer_weights": f"layer_weight_{rest}", "layer_lr_scales": f"lr_scale_{rest}"}.get(
+        head)
+
+
 def build_config(*layers: dict[str, Any]) -> tuple[UniversalConfig, str | None]:
     """One configuration from layers of values (fixed, sampled, --set), later layers winning.
 
