@@ -156,7 +156,8 @@ def epoch_curves(trials: pd.DataFrame, epochs: pd.DataFrame,
     labels = config_means(trials, params)[["config_id", "model"]]
     keys = [c for c in ("sweep", "trial_id", "member") if c in done.columns and c in epochs]
     names = done[[*keys, "config_id"]].drop_duplicates(keys).merge(labels, on="config_id")
-    joined = epochs.merge(names, on=keys, how="inner")
+    joined = epochs.drop(columns=[c for c in ("config_id", "model") if c in epochs.columns])
+    joined = joined.merge(names, on=keys, how="inner")
     values = [c for c in ("val_ppl", "train_loss") if c in joined.columns]
     grouped = joined.groupby(["config_id", "model", "epoch"], sort=True)
     out = grouped[values].mean()

@@ -40,10 +40,13 @@ def plot_comparison(table: pd.DataFrame, sweep: str, top: int = 15):
     import matplotlib.pyplot as plt
 
     shown = table.head(top).iloc[::-1]
-    err = (shown["ci_high"] - shown["ppl_mean"]).fillna(0)
+    err = shown["ci_high"] - shown["ppl_mean"]  # NaN (one seed): no bar drawn
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(shown) + 1.6))
     names = [_short(m) for m in shown["model"]]
-    ax.barh(names, shown["ppl_mean"], xerr=err, color="tab:blue", alpha=0.8, capsize=3)
+    ax.barh(names, shown["ppl_mean"], color="tab:blue", alpha=0.8)
+    if err.notna().any():
+        ax.errorbar(shown["ppl_mean"], names, xerr=err, fmt="none", ecolor="k", capsize=3)
+    err = err.fillna(0)
     for y, n in enumerate(shown["n_seeds"]):
         ax.annotate(f"{n} seed{'s' if n != 1 else ''}", (shown["ppl_mean"].iloc[y], y),
                     xytext=(4, -3), textcoords="offset points", fontsize=7)
@@ -80,12 +83,16 @@ def plot_pareto(means: pd.DataFrame, front: pd.DataFrame, sweep: str,
 def plot_threshold_curves(curves: pd.DataFrame, models: Sequence[str], front: pd.DataFrame,
                           sweep: str):
     """One routed PPL/compute curve per configuration in ``models`` (points in threshold
-    order, the thresholds at the ends marked), and the front over all operating points."""
+    order, the thresholds at the ends marked), and the front over all operating points.
+
+    Threshold 0 means routing off (every token to the last layer); it is left off the line,
+    which would otherwise jump from full compute to the lowest threshold's."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for model in models:
-        c = curves[curves["model"] == model].sort_values("threshold")
+        c = curves[(curves["model"] == model) & (curves["threshold"] > 0)]
+        c = c.sort_values("threshold")
         if c.empty:
             continue
         line, = ax.plot(100 * c["compute_cost"], c["ppl"], marker=".", label=_short(model))
