@@ -1,0 +1,141 @@
+"""The driver's side of a sweep: a Tune callback that writes each finished trial's Parquet
+parts and prints a progress line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any
+
+from ufw.results import ResultsWriter, join, read_trials
+from ufw.sweep.lazy_ray import ray_subclasses
+from ufw.sweep.members import expand_members, failed_rows, trial_points
+from ufw.sweep.trainable import HEAVY_KEYS
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def trial_error(trial) -> str:
+    """The last line of a trial's latest error (the exception and its message)."""
+    text = None
+    try:
+        if trial.error_file and os.path.exists(trial.error_file):
+            with open(trial.error_file) as f:
+                text = f.read()
+        else:
+            text = trial.get_error()
+    except Exception:
+        pass
+    return error_line(text)
+
+
+def error_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "trial failed"
+
+
+class _SweepCallback:
+    """Writes each finished trial's Parquet parts (driver side) and prints progress.
+
+    `SweepCallback` is this on top of ray.tune.Callback (see `__getattr__` below).
+    """
+
+    def __init__(self, spec: dict[str, Any], root: str, total_trials: int):
+        self.spec, self.root, self.total = spec, root, total_trials
+        self.writer = ResultsWriter(root, spec["sweep"])
+        self._start = time.time()
+        self._finished: set[str] = set()
+        self._finished_now = 0
+        self._best: float | None = None
+
+    def setup(self, **info) -> None:
+        self._start = time.time()
+        self._finished = set(self.writer.trial_ids())
+        self._finished_now = 0
+        metric, direction = self.spec["objectives"][0]
+        try:
+            frame = read_trials(join(self.root, self.spec["sweep"]))
+            if len(frame) and metric in frame:
+                values = frame[metric].dropna()
+                values = values[values.abs() != math.inf]
+                if len(values):
+                    self._best = float(values.min() if direction == "minimize" else values.max())
+        except Exception:  # progress is best effort: never stop a sweep for it
+            pass
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        if "rows" in result:
+            rows = json.loads(result["rows"])
+            epoch_rows = json.loads(result.get("epoch_rows", "[]"))
+            error = None
+        else:
+            members = expand_members(self.spec, trial_points(trial.config))
+            rows = failed_rows(self.spec, members, "trial ended without a final result",
+                               {"trial_id": trial.trial_id})
+            epoch_rows, error = [], "ended without a final result"
+        self._write(trial, rows, epoch_rows, error)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        print(f"[{self.spec['sweep']}] trial {trial.trial_id} raised "
+              f"({trial_error(trial)}); retrying from its last checkpoint",
+              flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        error = trial_error(trial)
+        members = expand_members(self.spec, trial_points(trial.config))
+        location = getattr(getattr(trial, "temporary_state", None), "location", None)
+        extra = {"trial_id": trial.trial_id, "node": getattr(location, "hostname", None)}
+        self._write(trial, failed_rows(self.spec, members, error, extra), [], error)
+
+    def _write(self, trial, rows, epoch_rows, error: str | None) -> None:
+        self.writer.write(trial.trial_id, rows, epoch_rows)
+        # The parts hold the rows now: keep Ray's experiment state small.
+        with contextlib.suppress(Exception):
+            trial.run_metadata.last_result = {k: v for k, v in trial.last_result.items()
+                                              if k not in HEAVY_KEYS}
+        self._finished.add(trial.trial_id)
+        self._finished_now += 1
+        self._progress(trial.trial_id, rows, error)
+
+    def _progress(self, trial_id: str, rows: list[dict], error: str | None) -> None:
+        metric, direction = self.spec["objectives"][0]
+        better = min if direction == "minimize" else max
+        values = [float(r[metric]) for r in rows if r.get(metric) is not None
+                  and r.get("status") != "failed" and math.isfinite(float(r[metric]))]
+        if values:
+            trial_best = better(values)
+            self._best = trial_best if self._best is None else better(self._best, trial_best)
+        done = min(len(self._finished), self.total)
+        elapsed = time.time() - self._start
+        remaining = max(0, self.total - done)
+        eta = elapsed / self._finished_now * remaining if self._finished_now else math.nan
+        failed = [r for r in rows if r.get("status") == "failed"]
+        if error:
+            what = f"failed: {error}"
+        elif values:
+            what = f"{metric} {better(values):.4g}"
+            if failed:
+                what += f" ({len(failed)}/{len(rows)} members failed: {failed[0].get('error')})"
+        else:
+            what = f"failed: {failed[0].get('error') if failed else 'no finite result'}"
+        best = f"{self._best:.4g}" if self._best is not None else "-"
+        eta_text = _fmt_seconds(eta) if math.isfinite(eta) else "?"
+        print(f"[{self.spec['sweep']}] trials {done}/{self.total} | {trial_id} {what} | "
+              f"best so far {best} | elapsed {_fmt_seconds(elapsed)} | ETA {eta_text}",
+              flush=True)
+
+
+# SweepCallback: the class above on top of ray.tune.Callback, made on first use.
+__getattr__ = ray_subclasses(globals(), {"SweepCallback": (_SweepCallback, "ray.tune",
+                                                           "Callback")})

@@ -1,0 +1,220 @@
+"""Running a sweep: start (or join) Ray, build the Tune experiment, and at its end give
+every trial its Parquet parts and print the best configurations."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from ufw import cli
+from ufw.config import ConfigError
+from ufw.results import ResultsWriter, join, read_epochs, read_trials
+from ufw.space import Objective
+from ufw.sweep import callback, searchers
+from ufw.sweep.callback import error_line
+from ufw.sweep.members import SPEC, column_of, expand_members, failed_rows, trial_points
+from ufw.sweep.plan import (
+    Plan,
+    _check_resources,
+    _concurrency,
+    _save_plan,
+    build_parser,
+    make_plan,
+)
+from ufw.sweep.searchers import DefineByRun
+from ufw.sweep.trainable import run_trial, trial_dirname
+
+
+def _init_ray(plan: Plan) -> None:
+    import ray
+
+    if ray.is_initialized():  # e.g. tests, notebooks: use the running instance
+        return
+    common = {"include_dashboard": False, "logging_level": logging.WARNING,
+              "log_to_driver": False}
+    if plan.address:
+        try:
+            ray.init(address=plan.address, **common)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"--address {plan.address}: cannot connect to a Ray cluster "
+                              f"({error_line(str(e))})") from None
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), **common)
+
+
+def _trainable(plan: Plan):
+    from ray import tune
+
+    resources = {"cpu": plan.cpus_per_trial}
+    if plan.gpus_per_trial > 0:
+        resources["gpu"] = plan.gpus_per_trial
+    resources.update(plan.resources_per_trial)  # custom resources: one bundle with the rest
+    return tune.with_resources(run_trial, resources)
+
+
+def make_tuner(plan: Plan):
+    import optuna
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = plan.space
+    spec = plan.spec()
+    objectives = space.objectives
+    metric = [o.metric for o in objectives]
+    mode = [o.mode for o in objectives]
+    if len(objectives) == 1:
+        metric, mode = metric[0], mode[0]
+    if plan.cohort == 1:
+        search = OptunaSearch(space=DefineByRun(space), metric=metric, mode=mode,
+                              sampler=space.make_sampler())
+    else:
+        search = searchers.CohortSearcher(space, plan.num_samples, plan.cohort)
+    # max_concurrent_trials also sets how many trials Ray keeps pending (not just 1).
+    concurrency = _concurrency(plan)
+    sweep_callback = callback.SweepCallback(spec, plan.root, plan.num_trials)
+    return tune.Tuner(
+        _trainable(plan),
+        param_space={SPEC: spec},
+        tune_config=tune.TuneConfig(search_alg=search, num_samples=plan.num_trials,
+                                    max_concurrent_trials=concurrency, reuse_actors=True,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=RunConfig(name="ray", storage_path=plan.sweep_uri, verbose=0,
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             callbacks=[sweep_callback]))
+
+
+def finalize(plan: Plan, grid) -> bool:
+    """Give every trial of the experiment its parts, drop parts of unknown trials.
+
+    Returns whether the sweep is complete (every trial finished or failed).
+    """
+    spec = plan.spec()
+    writer = ResultsWriter(plan.root, plan.name)
+    written = writer.trial_ids()
+    known, complete = set(), True
+    for result in grid:
+        trial_id = Path(str(result.path)).name
+        known.add(trial_id)
+        if trial_id in written:
+            continue
+        metrics = result.metrics or {}
+        if "rows" in metrics:
+            writer.write(trial_id, json.loads(metrics["rows"]),
+                         json.loads(metrics.get("epoch_rows", "[]")))
+        elif result.error is not None:
+            members = expand_members(spec, trial_points(result.config or {SPEC: spec}))
+            writer.write(trial_id, failed_rows(spec, members, error_line(str(result.error)),
+                                               {"trial_id": trial_id}), [])
+        else:
+            complete = False
+    for trial_id in writer.trial_ids() - known:
+        writer.delete(trial_id)  # a trial the experiment forgot (driver killed before saving)
+    writer.clean_temporary()
+    return complete and len(known) >= plan.num_trials
+
+
+def pareto_front(table, objectives: list[Objective]) -> list[bool]:
+    """Whether each row is on the Pareto front (no other row at least as good on every
+    objective and better on one)."""
+    signs = [1 if o.direction == "minimize" else -1 for o in objectives]
+    points = [[s * float(v) for s, v in zip(signs, row)]
+              for row in table[[o.metric for o in objectives]].itertuples(index=False)]
+    front = []
+    for p in points:
+        dominated = any(all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
+                        for q in points)
+        front.append(not dominated and all(math.isfinite(v) for v in p))
+    return front
+
+
+def summary(plan: Plan, top: int = 10) -> str:
+    import pandas as pd
+
+    frame = read_trials(plan.sweep_uri)
+    epochs = read_epochs(plan.sweep_uri)
+    lines = []
+    objectives = plan.space.objectives
+    if len(frame):
+        ok = frame[frame["status"] != "failed"]
+        params = [c for c in (column_of(p.name) for p in plan.space.parameters)
+                  if c and c in frame]
+        metrics = [o.metric for o in objectives]
+        extra = [m for m in ("best_ppl", "compute_cost", "acc") if m not in metrics]
+        if len(ok):
+            grouped = ok.groupby("config_id", dropna=False, sort=False)
+            table = grouped[[*metrics, *extra]].mean()
+            table["seeds"] = grouped.size()
+            for p in params:
+                table[p] = grouped[p].first()
+            if len(objectives) > 1:
+                table.insert(0, "pareto", pareto_front(table, objectives))
+            table = table.sort_values(metrics[0], ascending=objectives[0].direction ==
+                                      "minimize").head(top).reset_index()
+            title = " and ".join(f"{o.metric} ({o.direction})" for o in objectives)
+            lines.append(f"Top {len(table)} configurations by {metrics[0]}"
+                         f"{' (mean over seeds)' if plan.seeds > 1 else ''}"
+                         f"{'; pareto: not dominated on ' + title if len(objectives) > 1 else ''}"
+                         ":")
+            with pd.option_context("display.width", 160, "display.max_columns", 30,
+                                   "display.float_format", "{:.4g}".format):
+                lines.append(table.to_string(index=False))
+        counts = frame["status"].value_counts().to_dict()
+        lines.append("Rows: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    lines.append(f"Parquet: {join(plan.sweep_uri, 'trials')} ({len(frame)} rows), "
+                 f"{join(plan.sweep_uri, 'epochs')} ({len(epochs)} rows)")
+    return "\n".join(lines)
+
+
+class _QuietTune(logging.Filter):
+    """Drop Tune's end-of-run list of failed trials: the progress lines reported each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Trials did not complete")
+
+
+def _quiet_ray_logs() -> None:
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _QuietTune) for f in tune_logger.filters):
+        tune_logger.addFilter(_QuietTune())
+
+
+def run(plan: Plan) -> int:
+    from ray import tune
+
+    with cli.user_errors():
+        _init_ray(plan)
+        _check_resources(plan)
+    _quiet_ray_logs()
+    if plan.resume:
+        print(f"[{plan.name}] resuming {plan.experiment_path}", flush=True)
+        tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(plan),
+                                   resume_errored=True)
+    else:
+        _save_plan(plan)
+        print(f"[{plan.name}] {plan.num_samples} configurations x {plan.seeds} seed(s), "
+              f"cohort {plan.cohort} -> {plan.num_trials} trials; results in {plan.sweep_uri}",
+              flush=True)
+        tuner = make_tuner(plan)
+    grid = tuner.fit()
+    complete = finalize(plan, grid)
+    print(summary(plan), flush=True)
+    if not complete:
+        print(f"[{plan.name}] the sweep did not finish; continue it with: python -m ufw.sweep "
+              f"{plan.space_path} --resume --name {plan.name} --results {plan.root}", flush=True)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with cli.user_errors():
+        plan = make_plan(args)
+    return run(plan)

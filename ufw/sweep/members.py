@@ -1,0 +1,125 @@
+"""A Ray trial's configuration as members, and the rows its members become.
+
+A trial's config holds the sweep's `spec` (under SPEC) and either one sampled point (cohort
+1: the point's values at the top level) or a list of points (under MEMBERS). Each point x
+each seed is one *member*; the members' result rows, and per point the objectives' means
+over seeds, are what the trial reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import ufw
+from ufw.config import ConfigError, UniversalConfig
+from ufw.results import EMPTY_METRICS
+from ufw.space import Objective, build_config
+
+# Unix times of a trial's start and end, its set-up before the first epoch, and the time it
+# waited on Ray for its progress reports and checkpoints (NaN: unknown).
+TRIAL_TIMES = {"started_at": math.nan, "finished_at": math.nan, "setup_seconds": math.nan,
+               "report_seconds": math.nan}
+SPEC = "ufw"  # the trial config's key for everything that is not a sampled value
+MEMBERS = "members"  # cohort trials: the list of sampled points
+
+
+@dataclass
+class Member:
+    index: int  # position in the trial (0 .. points*seeds - 1)
+    point: int  # which sampled configuration
+    config: UniversalConfig | None
+    preset: str | None
+    params: dict[str, Any]
+    error: str = ""  # a configuration that could not even be built
+
+
+def trial_points(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sampled configurations of one Ray trial (cohort: a list; cohort 1: the config)."""
+    if MEMBERS in config:
+        return [dict(p) for p in config[MEMBERS]]
+    return [{k: v for k, v in config.items() if k != SPEC}]
+
+
+def expand_members(spec: dict[str, Any], points: list[dict[str, Any]]) -> list[Member]:
+    members: list[Member] = []
+    seeds = spec["seeds"]
+    for i, params in enumerate(points):
+        try:
+            config, preset_name = build_config(spec["fixed"], params, spec["overrides"])
+        except ConfigError as e:
+            for _ in range(seeds):
+                members.append(Member(len(members), i, None, params.get("preset"), params,
+                                      f"invalid configuration: {e}"))
+            continue
+        for s in range(seeds):
+            members.append(Member(len(members), i, dataclasses.replace(config,
+                                                                          seed=config.seed + s),
+                                  preset_name, params))
+    return members
+
+
+def column_of(name: str) -> str | None:
+    """The Parquet column of a parameter name (None: it has no column of its own)."""
+    head, dot, rest = name.partition(".")
+    if not dot:
+        return name
+    return {"layer_weights": f"layer_weight_{rest}", "layer_lr_scales": f"lr_scale_{rest}"}.get(
+        head)
+
+
+def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
+                extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows for members that never trained: their configuration, NaN metrics, the error."""
+    rows = []
+    for m in members:
+        if m.config is not None:
+            row = m.config.flat()
+        else:  # not even a configuration: the sampled values under their column names
+            row = {column_of(k): v for k, v in m.params.items() if column_of(k)}
+            row["config_id"] = None
+        row.update(member=m.index, cohort_size=len(members), **EMPTY_METRICS,
+                   status="failed", error=m.error or error, ufw_version=ufw.__version__,
+                   torch_version=str(torch.__version__), device=None,
+                   dataset=spec.get("dataset"))
+        row.update(sweep=spec["sweep"], trial_id=None, preset=m.preset,
+                   seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None,
+                   resumed_from_epoch=0, **TRIAL_TIMES)
+        row.update(extra or {})
+        rows.append(row)
+    return rows
+
+
+def point_objectives(spec: dict[str, Any], members: list[Member],
+                     rows: list[dict[str, Any]]) -> list[list[float] | None]:
+    """Per sampled point: each objective's mean over its seeds (None: no seed has a value)."""
+    objectives = [Objective(*o) for o in spec["objectives"]]
+    by_point: dict[int, list[dict]] = defaultdict(list)
+    for m, row in zip(members, rows):
+        if row.get("status") != "failed":
+            by_point[m.point].append(row)
+    values: list[list[float] | None] = []
+    for point in range(max(m.point for m in members) + 1):
+        result = []
+        for o in objectives:
+            finite = [float(r[o.metric]) for r in by_point.get(point, [])
+                      if r.get(o.metric) is not None and math.isfinite(float(r[o.metric]))]
+            result.append(sum(finite) / len(finite) if finite else None)
+        values.append(None if any(v is None for v in result) else result)
+    return values
+
+
+def summary_metrics(spec: dict[str, Any], values: list[list[float] | None]) -> dict[str, float]:
+    """What Ray Tune sees: each objective's best point (the worst value if none finished)."""
+    metrics = {}
+    for j, (metric, direction) in enumerate(spec["objectives"]):
+        o = Objective(metric, direction)
+        finite = [v[j] for v in values if v is not None]
+        best = min if direction == "minimize" else max
+        metrics[metric] = best(finite) if finite else o.worst()
+    return metrics
