@@ -12,10 +12,10 @@ from pathlib import Path
 from ufw import cli
 from ufw.config import ConfigError
 from ufw.results import ResultsWriter, join, read_epochs, read_trials
-from ufw.space import Objective
+from ufw.space import Objective, parameter_column
 from ufw.sweep import callback, searchers
 from ufw.sweep.callback import error_line
-from ufw.sweep.members import SPEC, column_of, expand_members, failed_rows, trial_points
+from ufw.sweep.members import SPEC, expand_members, failed_rows, trial_points
 from ufw.sweep.plan import (
     Plan,
     _check_resources,
@@ -142,7 +142,7 @@ def summary(plan: Plan, top: int = 10) -> str:
     objectives = plan.space.objectives
     if len(frame):
         ok = frame[frame["status"] != "failed"]
-        params = [c for c in (column_of(p.name) for p in plan.space.parameters)
+        params = [c for c in (parameter_column(p.name) for p in plan.space.parameters)
                   if c and c in frame]
         metrics = [o.metric for o in objectives]
         extra = [m for m in ("best_ppl", "compute_cost", "acc") if m not in metrics]

@@ -19,7 +19,7 @@ import torch
 import ufw
 from ufw.config import ConfigError, UniversalConfig
 from ufw.results import EMPTY_METRICS
-from ufw.space import Objective, build_config
+from ufw.space import Objective, build_config, parameter_column
 
 # Unix times of a trial's start and end, its set-up before the first epoch, and the time it
 # waited on Ray for its progress reports and checkpoints (NaN: unknown).
@@ -64,15 +64,6 @@ def expand_members(spec: dict[str, Any], points: list[dict[str, Any]]) -> list[M
     return members
 
 
-def column_of(name: str) -> str | None:
-    """The Parquet column of a parameter name (None: it has no column of its own)."""
-    head, dot, rest = name.partition(".")
-    if not dot:
-        return name
-    return {"layer_weights": f"layer_weight_{rest}", "layer_lr_scales": f"lr_scale_{rest}"}.get(
-        head)
-
-
 def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
                 extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rows for members that never trained: their configuration, NaN metrics, the error."""
@@ -81,7 +72,7 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
         if m.config is not None:
             row = m.config.flat()
         else:  # not even a configuration: the sampled values under their column names
-            row = {column_of(k): v for k, v in m.params.items() if column_of(k)}
+            row = {parameter_column(k): v for k, v in m.params.items() if parameter_column(k)}
             row["config_id"] = None
         row.update(member=m.index, cohort_size=len(members), **EMPTY_METRICS,
                    status="failed", error=m.error or error, ufw_version=ufw.__version__,
