@@ -10,6 +10,8 @@ A search space (see `search_spaces/*.yaml` and docs/sweep.md) has these top-leve
     defaults:    num_samples, cohort, seeds, max_concurrent
     data:        data, train_file, val_file, train_chars, val_chars (the data flags)
     sampler:     tpe | random | grid | nsga2, or {type: ..., seed: N, population_size: N}
+    points:      instead of parameters, a list of explicit configurations (mappings of config
+                 keys), each trained once x seeds (ufw.confirm writes such spaces)
 
 Parameter (and fixed) names are config keys: plain fields (`lr`, `routing_threshold`,
 `confidence_method`, ...), dotted keys into a per-layer mapping (`layer_weights.1`,
@@ -39,7 +41,7 @@ import yaml
 from ufw.config import PRESETS, SCHEDULES, ConfigError, UniversalConfig
 
 TOP_LEVEL_KEYS = ("description", "fixed", "parameters", "objectives", "defaults", "data",
-                  "sampler")
+                  "sampler", "points")
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"float": ("type", "low", "high", "log", "step", "condition"),
               "int": ("type", "low", "high", "log", "step", "condition"),
@@ -51,6 +53,7 @@ DIRECTIONS = ("minimize", "maximize")
 DEFAULT_KEYS = ("num_samples", "cohort", "seeds", "max_concurrent")
 # num_samples None: 8, or the whole grid with sampler grid.
 DEFAULTS = {"num_samples": None, "cohort": 1, "seeds": 1, "max_concurrent": None}
+POINT = "point"  # the study parameter of a space of explicit points: the point's index
 DATA_KEYS = ("data", "train_file", "val_file", "train_chars", "val_chars")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 SAMPLER_KEYS = ("type", "seed", "population_size", "n_startup_trials")
@@ -234,10 +237,14 @@ class SearchSpace:
     data: dict[str, Any]
     sampler: dict[str, Any]
     description: str = ""
+    # explicit configurations instead of sampled parameters: each is one grid point
+    points: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, trial) -> dict[str, Any]:
         """Define-by-run: ask `trial` for every active parameter, conditions honoured."""
+        if self.points:  # the study records which point; the trial trains its values
+            return dict(self.points[trial.suggest_categorical(POINT, self.grid()[POINT])])
         values: dict[str, Any] = {}
         for p in self.parameters:
             if p.active(values):
@@ -245,12 +252,15 @@ class SearchSpace:
         return values
 
     def grid(self) -> dict[str, list[Any]]:
-        """Optuna GridSampler's search space (every parameter is categorical)."""
+        """Optuna GridSampler's search space (every parameter is categorical; with points,
+        the index of each point)."""
+        if self.points:
+            return {POINT: list(range(len(self.points)))}
         return {p.name: list(p.choices) for p in self.parameters}
 
     @property
     def grid_size(self) -> int:
-        return math.prod(len(p.choices) for p in self.parameters)
+        return math.prod(len(choices) for choices in self.grid().values())
 
     def make_sampler(self):
         import optuna
@@ -269,11 +279,14 @@ class SearchSpace:
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=self.sampler.get("n_startup_trials", 10))
 
-    def create_study(self):
+    def create_study(self, storage=None, study_name: str | None = None):
+        """An Optuna study of this space; with a ``storage``, the study ``study_name`` kept
+        there (loaded when it exists, so that a resumed sweep continues it)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.create_study(sampler=self.make_sampler(),
+        return optuna.create_study(sampler=self.make_sampler(), storage=storage,
+                                   study_name=study_name, load_if_exists=storage is not None,
                                    directions=[o.direction for o in self.objectives])
 
     # ------------------------------------------------------------------ configurations
@@ -291,6 +304,11 @@ class SearchSpace:
         is checked with its condition met. A bad value fails with ConfigError naming it.
         """
         overrides = overrides or {}
+        for i, point in enumerate(self.points):
+            try:
+                build_config(self.fixed, point, overrides)
+            except ConfigError as e:
+                raise ConfigError(f"points[{i}]: an invalid configuration: {e}") from None
         baseline = self._assignment({})
         try:
             first, _ = build_config(self.fixed, baseline, overrides)
@@ -371,6 +389,14 @@ def parse_space(raw: Any, name: str = "space") -> SearchSpace:
                               f"{', '.join(TOP_LEVEL_KEYS)}")
     fixed = _parse_fixed(raw.get("fixed"))
     parameters = _parse_parameters(raw.get("parameters"))
+    points = _parse_points(raw.get("points"))
+    if points and parameters:
+        raise ConfigError("points: a space gives either parameters to sample or explicit "
+                          "points, not both")
+    if points:
+        given = raw.get("sampler")  # points are a grid (each once); a seed may order them
+        raw = {**raw, "sampler": {"type": "grid",
+                                  "seed": given.get("seed") if isinstance(given, dict) else None}}
     objectives = _parse_objectives(raw.get("objectives"))
     defaults = _parse_defaults(raw.get("defaults"))
     data = _parse_data(raw.get("data"))
@@ -381,8 +407,9 @@ def parse_space(raw: Any, name: str = "space") -> SearchSpace:
     overlap = sorted(set(fixed) & {p.name for p in parameters})
     if overlap:
         raise ConfigError(f"parameters.{overlap[0]}: also given in fixed; give it in one place")
-    space = SearchSpace(name, fixed, parameters, objectives, defaults, data, sampler, description)
-    if sampler["type"] == "grid":
+    space = SearchSpace(name, fixed, parameters, objectives, defaults, data, sampler, description,
+                        points)
+    if sampler["type"] == "grid" and not points:
         for p in parameters:
             if p.type != "categorical":
                 raise ConfigError(f"parameters.{p.name}: sampler grid needs categorical "
@@ -393,6 +420,28 @@ def parse_space(raw: Any, name: str = "space") -> SearchSpace:
         if not parameters:
             raise ConfigError("parameters: sampler grid needs at least one parameter")
     return space
+
+
+def _parse_points(raw: Any) -> list[dict[str, Any]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("points: must be a non-empty list of configurations (mappings of "
+                          "config keys)")
+    points = []
+    for i, point in enumerate(raw):
+        where = f"points[{i}]"
+        if not isinstance(point, dict):
+            raise ConfigError(f"{where}: must be a mapping of config keys, got {point!r}")
+        values = {}
+        for key, value in point.items():
+            key = str(key)
+            check_key(key, where)
+            if key == "seed":
+                raise ConfigError(f"{where}.seed: seeds come from defaults.seeds and --set seed")
+            values[key] = as_number(value) if is_numeric_key(key) else value
+        points.append(values)
+    return points
 
 
 def _mapping(value: Any, key: str) -> dict:

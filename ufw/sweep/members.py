@@ -64,6 +64,13 @@ def expand_members(spec: dict[str, Any], points: list[dict[str, Any]]) -> list[M
     return members
 
 
+def sweep_columns(spec: dict[str, Any]) -> dict[str, Any]:
+    """The columns naming a row's sweep: ``sweep``, and ``source_sweep`` for a sweep that
+    re-trains another's configurations (ufw.confirm)."""
+    source = spec.get("source_sweep")
+    return {"sweep": spec["sweep"], **({"source_sweep": source} if source else {})}
+
+
 def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
                 extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rows for members that never trained: their configuration, NaN metrics, the error."""
@@ -78,7 +85,7 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
                    status="failed", error=m.error or error, ufw_version=ufw.__version__,
                    torch_version=str(torch.__version__), device=None,
                    dataset=spec.get("dataset"))
-        row.update(sweep=spec["sweep"], trial_id=None, preset=m.preset,
+        row.update(**sweep_columns(spec), trial_id=None, preset=m.preset,
                    seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None,
                    resumed_from_epoch=0, **TRIAL_TIMES)
         row.update(extra or {})
