@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import re
 import typing
@@ -209,6 +210,25 @@ class Parameter:
                                      step=self.step or 1)
         return trial.suggest_categorical(self.name, self.choices)
 
+    def value_in(self, row: dict[str, Any]) -> Any:
+        """This parameter's value in a configuration's result row (UniversalConfig.flat()
+        columns): the inverse of sampling it, as one of its choices where it has them."""
+        head, _, rest = self.name.partition(".")
+        if head == "exit_thresholds":  # a JSON list, one entry per exit layer
+            layers, thresholds = json.loads(row["exit_layers"]), json.loads(row["exit_thresholds"])
+            value = thresholds[layers.index(int(rest))]
+        elif self.name == "alpha_steps":
+            steps = json.loads(row["alpha_steps"])
+            value = next((c for c in self.choices if _steps(c, self.name) == steps), steps)
+        else:
+            value = row[parameter_column(self.name)]
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars: plain
+        if self.type == "categorical":
+            return next((c for c in self.choices if c == value or (
+                isinstance(c, (int, float)) and isinstance(value, (int, float))
+                and math.isclose(c, value, rel_tol=1e-12))), value)
+        return int(value) if self.type == "int" else float(value)
+
     def active(self, values: dict[str, Any]) -> bool:
         return all(name in values and values[name] in allowed
                    for name, allowed in self.condition.items())
@@ -249,6 +269,17 @@ class SearchSpace:
         for p in self.parameters:
             if p.active(values):
                 values[p.name] = p.suggest(trial)
+        return values
+
+    def point_of(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The sampled values that gave a configuration, from its result row (the inverse of
+        sample(); build_config(fixed, point, overrides) rebuilds the configuration)."""
+        if self.points:
+            raise ConfigError("point_of: a space of explicit points samples nothing")
+        values: dict[str, Any] = {}
+        for p in self.parameters:
+            if p.active(values):
+                values[p.name] = p.value_in(row)
         return values
 
     def grid(self) -> dict[str, list[Any]]:

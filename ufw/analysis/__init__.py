@@ -34,7 +34,7 @@ from ufw.analysis.loading import (
     load_results,
     load_sweep,
 )
-from ufw.analysis.tables import comparison_table, marginal_table
+from ufw.analysis.tables import comparison_table, confirmation_table, marginal_table
 
 __all__ = [
     "NON_PARAM_COLUMNS",
@@ -46,6 +46,7 @@ __all__ = [
     "config_means",
     "configuration_labels",
     "configuration_study",
+    "confirmation_table",
     "default_results",
     "describe",
     "display_table",

@@ -59,9 +59,20 @@ def _marginal(table: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def _confirmation(table: pd.DataFrame) -> pd.DataFrame:
+    out = _configurations(table)
+    out.insert(3, "Sweep PPL", [cell(v) for v in table["sweep_ppl"]])
+    out.insert(4, "Sweep seeds", table["sweep_seeds"])
+    out.insert(8, "Shift", [f"{v:+.1f}%" if np.isfinite(v) else "" for v in table["shift_pct"]])
+    return out.rename(columns={"Seeds": "Fresh seeds"})
+
+
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """A human-readable version of a comparison or marginal table (strings, one CI column)."""
-    return _marginal(table) if table.attrs.get("kind") == "marginal" else _configurations(table)
+    """A human-readable version of a comparison, marginal or confirmation table (strings)."""
+    kind = table.attrs.get("kind")
+    if kind == "marginal":
+        return _marginal(table)
+    return _confirmation(table) if kind == "confirmation" else _configurations(table)
 
 
 def to_markdown(df: pd.DataFrame) -> str:

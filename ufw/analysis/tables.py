@@ -165,3 +165,33 @@ def marginal_table(
         f"Marginal over configurations by {label}: each configuration (its seeds averaged) "
         "counts once; SD is the spread across configurations, not an error bar over seeds."])
     return table
+
+
+def confirmation_table(
+    source: pd.DataFrame,
+    confirmed: pd.DataFrame,
+    baseline: str | None = None,
+    confidence: float = 0.95,
+    params: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """A sweep's estimates beside their re-training with fresh seeds (ufw.confirm).
+
+    One row per configuration of ``confirmed`` (its rows, the fresh seeds): ``model``,
+    ``config_id``, ``sweep_ppl`` and ``sweep_seeds`` (the source sweep's estimate: its mean over
+    the source's seeds; NaN for a configuration the sweep did not train, such as a baseline),
+    ``n_seeds``, ``ppl_mean``, ``ci_low``/``ci_high`` over the fresh seeds, ``shift_pct`` =
+    ``100 * (confirmed / sweep - 1)`` (positive: the sweep's estimate was optimistic), and
+    against the ``baseline`` configuration (a config_id or label, trained on the same seeds):
+    ``ppl_change_pct``, Welch's ``p_value`` and ``significant``. Sorted by confirmed mean.
+    """
+    table = comparison_table(confirmed, baseline=baseline, confidence=confidence, params=params)
+    estimates = completed(source).groupby("config_id")["best_ppl"].agg(["mean", "size"])
+    table.insert(3, "sweep_ppl", table["config_id"].map(estimates["mean"]))
+    table.insert(4, "sweep_seeds", table["config_id"].map(estimates["size"]).fillna(0).astype(int))
+    table["shift_pct"] = 100 * (table["ppl_mean"] / table["sweep_ppl"] - 1)
+    table.attrs.update(kind="confirmation")
+    table.attrs["notes"] = [
+        "Sweep PPL: the sweep's estimate (mean over its seeds); PPL and CI: the same "
+        "configuration re-trained with fresh seeds; Shift: confirmed against the estimate.",
+        *table.attrs["notes"][1:]]
+    return table
