@@ -69,13 +69,18 @@ def test_readme_main_job_then_notebooks_and_analysis_commands(tmp_path, monkeypa
     written = [p for p in tmp_path.rglob("*") if p.is_file() and not allowed(p)]
     assert not written, f"notebooks wrote outside {sweep.name}/analysis: {written}"
 
+    table = _shell("python -m ufw.analysis", tmp_path).stdout  # the newest sweep: the main job
+    assert table.count(f"{sweep.name}") == 1
+    assert len([line for line in table.splitlines() if line.startswith("| ")
+                and line[2:].strip()[0].isdigit()]) == 8  # one row per configuration
+
     commands = readme_commands("Analysis", ("python -m ufw.analysis", "python -m ufw.confirm"))
     assert len(commands) >= 3
     for command in commands:
         result = _shell(command.replace("results/<sweep>", f"results/{sweep.name}"), tmp_path)
         assert result.returncode == 0, f"{command}: {result.stderr[-1500:]}"
         assert "config" in result.stdout.lower(), command
-    table = _shell("python -m ufw.analysis", tmp_path).stdout
-    assert table.count(f"{sweep.name}") == 1
-    assert len([line for line in table.splitlines() if line.startswith("| ")
-                and line[2:].strip()[0].isdigit()]) == 8  # one row per configuration
+    assert any("ufw.confirm" in c for c in commands)
+    confirmed = _shell(f"python -m ufw.analysis results/{sweep.name}-confirm --format csv",
+                       tmp_path)
+    assert confirmed.returncode == 0 and len(confirmed.stdout.splitlines()) == 1 + 3

@@ -24,7 +24,7 @@ from ufw.analysis.fronts import (
     threshold_pareto,
     top_configurations,
 )
-from ufw.analysis.importance import configuration_study, importance
+from ufw.analysis.importance import configuration_study, effects_study, importance
 from ufw.analysis.loading import (
     AnalysisError,
     Sweep,
@@ -50,6 +50,7 @@ __all__ = [
     "default_results",
     "describe",
     "display_table",
+    "effects_study",
     "epoch_curves",
     "format_table",
     "importance",

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import pandas as pd
 
 from ufw.analysis.configurations import config_means, swept_columns
-from ufw.analysis.loading import AnalysisError, require
+from ufw.analysis.loading import AnalysisError, Sweep, require
+from ufw.space import POINT
 
 
 def _distribution(values: pd.Series):
@@ -91,6 +92,16 @@ def configuration_study(
     finally:
         optuna.logging.set_verbosity(verbosity)
     return study
+
+
+def effects_study(sweep: Sweep, target: str = "best_ppl"):
+    """The study to draw parameter effects from: the sweep's own (its parameters as the space
+    names and samples them, log scales included) when it optimised ``target`` alone, else
+    configuration_study of its rows."""
+    own = sweep.study() if list(sweep.objectives) == [target] else None
+    if own is not None and any(t.params and POINT not in t.params for t in own.trials):
+        return own
+    return configuration_study(sweep.trials, sweep.params, target)
 
 
 def importance(

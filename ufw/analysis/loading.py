@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ufw.space import parameter_column
+from ufw.study import STUDY_FILE, load_study
 
 # Columns the analysis cannot work without. Everything else is optional: a sweep that does not
 # vary a parameter may still write it, and future config keys simply show up as more columns.
@@ -153,6 +154,14 @@ class Sweep:
     objectives: dict[str, str] = field(default_factory=lambda: {"best_ppl": "minimize"})
     fixed_preset: str | None = None
     record: dict[str, Any] = field(default_factory=dict)
+
+    def study(self):
+        """The sweep's own Optuna study (``study.journal`` beside its Parquet, ufw/study.py),
+        or None where there is none (a sweep from before, several sweeps, remote results)."""
+        path = os.path.join(self.path, STUDY_FILE)
+        if "://" in self.path or not os.path.isfile(path):
+            return None
+        return load_study(path)
 
 
 def _read_record(fs: pafs.FileSystem, sweep_dir: str) -> dict[str, Any]:
