@@ -459,20 +459,7 @@ def _parse_points(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("points: must be a non-empty list of configurations (mappings of "
                           "config keys)")
-    points = []
-    for i, point in enumerate(raw):
-        where = f"points[{i}]"
-        if not isinstance(point, dict):
-            raise ConfigError(f"{where}: must be a mapping of config keys, got {point!r}")
-        values = {}
-        for key, value in point.items():
-            key = str(key)
-            check_key(key, where)
-            if key == "seed":
-                raise ConfigError(f"{where}.seed: seeds come from defaults.seeds and --set seed")
-            values[key] = as_number(value) if is_numeric_key(key) else value
-        points.append(values)
-    return points
+    return [_parse_fixed(point, f"points[{i}]") for i, point in enumerate(raw)]
 
 
 def _mapping(value: Any, key: str) -> dict:
@@ -483,16 +470,19 @@ def _mapping(value: Any, key: str) -> dict:
     return value
 
 
-def _parse_fixed(raw: Any) -> dict[str, Any]:
+def _parse_fixed(raw: Any, where: str = "fixed") -> dict[str, Any]:
+    """Config values given as they are: the space's `fixed`, or one of its `points`."""
     fixed = {}
-    for key, value in _mapping(raw, "fixed").items():
+    for key, value in _mapping(raw, where).items():
         key = str(key)
-        check_key(key, "fixed")
+        check_key(key, where)
         if key == "seed":
-            raise ConfigError("fixed.seed: the seeds of a sweep are 42, 43, ... (defaults.seeds "
-                              "sets how many); set the first one with --set seed=N")
+            raise ConfigError(f"{where}.seed: the seeds of a sweep are 42, 43, ... "
+                              "(defaults.seeds sets how many); set the first one with --set "
+                              "seed=N")
         if key == "preset" and value not in PRESETS:
-            raise ConfigError(f"fixed.preset: unknown {value!r}; allowed: {', '.join(PRESETS)}")
+            raise ConfigError(f"{where}.preset: unknown {value!r}; allowed: "
+                              f"{', '.join(PRESETS)}")
         if key in MAPPING_FIELDS and isinstance(value, dict):
             value = {k: as_number(v) for k, v in value.items()}
         fixed[key] = as_number(value) if is_numeric_key(key) else value

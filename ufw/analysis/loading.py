@@ -177,10 +177,10 @@ def _read_record(fs: pafs.FileSystem, sweep_dir: str) -> dict[str, Any]:
 def swept_parameters(record: dict[str, Any]) -> list[str]:
     """Result columns of the parameters a sweep record's space varies, in its order."""
     space = record.get("space") or {}
-    columns = [parameter_column(str(p.get("name"))) for p in space.get("parameters") or []
-               if isinstance(p, dict)]
-    # exit_thresholds.N share one JSON column: keep it once
-    return list(dict.fromkeys(c for c in columns if c))
+    names = [str(p.get("name")) for p in space.get("parameters") or [] if isinstance(p, dict)]
+    # exit_thresholds.N have no column each: they share the JSON column exit_thresholds
+    columns = [parameter_column(n) or n.partition(".")[0] for n in names]
+    return list(dict.fromkeys(columns))
 
 
 def load_sweep(path: str | os.PathLike | None = None) -> Sweep:
