@@ -35,20 +35,21 @@ def readable_log_axis(ax, axis: str = "y") -> None:
 
 
 def plot_comparison(table: pd.DataFrame, sweep: str, top: int = 15):
-    """Mean best PPL of the ``top`` configurations of comparison_table; CI bars where >= 2
-    seeds (the table's CI), none where a configuration has one seed."""
+    """Mean best PPL of the ``top`` configurations of comparison_table, best at the top; the
+    table's CI where a configuration has >= 2 seeds, none where it has one."""
     import matplotlib.pyplot as plt
 
     shown = table.head(top).iloc[::-1]
     err = shown["ci_high"] - shown["ppl_mean"]  # NaN (one seed): no bar drawn
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(shown) + 1.6))
     names = [_short(m) for m in shown["model"]]
-    ax.barh(names, shown["ppl_mean"], color="tab:blue", alpha=0.8)
-    if err.notna().any():
-        ax.errorbar(shown["ppl_mean"], names, xerr=err, fmt="none", ecolor="k", capsize=3)
+    # points, not bars: the axis does not start at 0, so bar lengths would mislead
+    ax.errorbar(shown["ppl_mean"], names, xerr=err, fmt="o", color="tab:blue", ecolor="k",
+                capsize=3)
+    ax.grid(axis="x", alpha=0.3)
     err = err.fillna(0)
-    for y, n in enumerate(shown["n_seeds"]):
-        ax.annotate(f"{n} seed{'s' if n != 1 else ''}", (shown["ppl_mean"].iloc[y], y),
+    for y, (n, end) in enumerate(zip(shown["n_seeds"], shown["ppl_mean"] + err)):
+        ax.annotate(f"{n} seed{'s' if n != 1 else ''}", (end, y),  # right of the CI bar
                     xytext=(4, -3), textcoords="offset points", fontsize=7)
     ax.set_xlim(0.95 * (shown["ppl_mean"] - err).min(), 1.05 * (shown["ppl_mean"] + err).max())
     ax.set_xlabel("validation PPL (mean over seeds; bars: 95% CI where >= 2 seeds)")
