@@ -10,16 +10,19 @@ from pathlib import Path
 
 import torch
 
-from ufw.data import Corpus, load_corpus
+from ufw.data import CACHE_DIR, Corpus, load_corpus
 
-# ../shared/data beside the checkout; UFW_WIKITEXT2 points elsewhere (e.g. on a GPU machine).
-SHARED = Path(os.environ.get("UFW_WIKITEXT2", Path(__file__).resolve().parents[1].parent
-                             / "shared" / "data" / "wikitext-2"))
+# The WikiText-2 files: UFW_WIKITEXT2 names their directory; else the team's copy beside the
+# checkout if there is one; else where `--data wikitext2` downloads them (docs/design.md).
+_TEAM_COPY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+SHARED = Path(os.environ.get("UFW_WIKITEXT2", _TEAM_COPY if _TEAM_COPY.is_dir()
+                             else CACHE_DIR / "wikitext-2"))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def reference_corpus(batch_size: int = 32, seq_len: int = 64) -> Corpus:
-    """The seed benchmark of shared/data/README.md, or the offline corpus without shared/."""
+    """The reference benchmark (docs/design.md, section Data), or the offline corpus
+    without the WikiText-2 files."""
     if (SHARED / "test.txt").exists():
         return load_corpus(train_file=str(SHARED / "test.txt"), val_file=str(SHARED / "valid.txt"),
                            train_chars=100_000, val_chars=10_000, batch_size=batch_size,

@@ -4,8 +4,8 @@
     python bench/extensions.py --quick          # a tiny check that everything runs (CPU)
 
 Base: the asymmetric_best preset (layer weights 0.7 / 0 / 0.3, threshold 0.95) at seed scale
-(dim 64, 3 layers, max_epochs 50, patience 0) on the reference benchmark of
-shared/data/README.md (first 100,000 / 10,000 characters of WikiText-2 test / valid).
+(dim 64, 3 layers, max_epochs 50, patience 0) on the reference benchmark
+(first 100,000 / 10,000 characters of WikiText-2 test / valid; docs/design.md, section Data).
 Every variant changes the base by a few config values; `--set key=value` changes the base.
 Configurations that share a shape train as one population (e.g. the base, entropy, margin
 and self-distillation variants x seeds: one model), which gives the same result per member
@@ -66,7 +66,7 @@ def train_teacher(base: UniversalConfig, corpus: Corpus, device: str, path: Path
                   "seq_len", "lr")} | {"seed": 0})
 
     def keep_best(population: Population, rows: list[dict]) -> None:
-        if population.members[0].best_epoch == population.epoch - 1:
+        if population.members[0].best_epoch == population.epoch:  # the epoch just run
             population.save_member(0, str(path))
 
     row = train([config], corpus, device, on_epoch=keep_best)[0]
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                                       "extensions.json, extensions_quick.json with --quick)")
     args = parser.parse_args(argv)
     if not (args.train_file or args.val_file) and args.data == "python-docs":
-        # the reference benchmark (shared/data/README.md)
+        # the reference benchmark (docs/design.md, section Data)
         args.train_file, args.val_file = str(SHARED / "test.txt"), str(SHARED / "valid.txt")
         args.train_chars, args.val_chars = args.train_chars or 100_000, args.val_chars or 10_000
     if args.quick:

@@ -3,7 +3,7 @@
 An independent reference for ufw (tests/test_extensions.py checks that ufw with K = 1 reaches
 the same best PPL and best epoch) and the "straightforward loop" baseline of the speed
 benchmarks (bench/throughput.py). It implements only the Universal Training Framework of
-DESIGN.md section 1 (weighted exits, alpha schedule, layer-wise LR, max-softmax routing,
+docs/design.md (weighted exits, alpha schedule, layer-wise LR, max-softmax routing,
 early stopping), none of ufw's extensions, and none of its population machinery.
 
 The weights start from `ufw.model.init_member(shape, seed)`, copied into nn.Linear layers
@@ -185,14 +185,14 @@ class NaiveTrainer:
 def train_naive(config: UniversalConfig, corpus: Corpus, device: str = "cpu") -> dict[str, float]:
     """Train with early stopping; best_ppl, best_epoch, epochs_run and seconds_per_epoch."""
     trainer = NaiveTrainer(config, corpus, device)
-    best_ppl, best_epoch, bad_epochs, best = math.inf, -1, 0, {}
+    best_ppl, best_epoch, bad_epochs, best = math.inf, 0, 0, {}
     start = time.perf_counter()
     for epoch in range(config.max_epochs):
         stats = trainer.run_epoch()
         if not math.isfinite(stats["ppl"]):
             break
         if stats["ppl"] < best_ppl:
-            best_ppl, best_epoch, bad_epochs, best = stats["ppl"], epoch, 0, stats
+            best_ppl, best_epoch, bad_epochs, best = stats["ppl"], epoch + 1, 0, stats
         else:
             bad_epochs += 1
             if bad_epochs > config.patience:

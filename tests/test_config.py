@@ -45,6 +45,17 @@ def test_all_zero_weights_fall_back_to_final_layer_and_normalisation():
     assert c.get_layer_weights() == pytest.approx({1: 0.35, 2: 0.5, 3: 0.15})
 
 
+def test_normalisation_comes_before_alpha_as_in_the_framework():
+    """normalize_weights scales the configured weights once; alpha then sets the first exit
+    and the last layer, and the middle layer keeps its normalised weight (0.5, not
+    renormalised with alpha's weights)."""
+    c = UniversalConfig(layer_weights={1: 0.7, 2: 1.0, 3: 0.3}, normalize_weights=True,
+                        alpha_schedule=AlphaSchedule("linear", 0.9, 0.5), max_epochs=3)
+    assert c.get_layer_weights(0) == pytest.approx({1: 0.9, 2: 0.5, 3: 0.1})
+    assert c.get_layer_weights(2) == pytest.approx({1: 0.5, 2: 0.5, 3: 0.5})
+    assert c.layer_weights == {1: 0.7, 2: 1.0, 3: 0.3}  # the stored values stay as given
+
+
 def test_presets_match_design():
     expected = {"standard_llm": ((0, 0, 1), 0), "lpt": ((1 / 3,) * 3, 0),
                 "lpt_routing": ((1 / 3,) * 3, 0.7), "standard_routing": ((0.5, 0, 0.5), 0.95),

@@ -503,7 +503,7 @@ def test_teacher_of_another_vocabulary_is_a_user_error(corpus, tmp_path):
 # ============================================================== search spaces
 @pytest.mark.parametrize("name, swept", [
     ("confidence", {"confidence_method", "routing_threshold"}),
-    ("multi_exit", {"exit_thresholds.1", "exit_thresholds.2", "layer_weights.2"}),
+    ("multi_exit", {"exit_thresholds.1", "exit_thresholds.2", "layer_weight_2"}),
     ("distillation", {"distillation_alpha", "distillation_temperature"}),
     ("moe", {"num_experts", "experts_top_k", "moe_aux_weight"}),
 ])

@@ -243,7 +243,7 @@ def test_define_by_run_sampling_respects_conditions():
         assert ("alpha_start" in values) == (schedule != "none")
         assert ("alpha_end" in values) == (schedule in ("linear", "cosine", "step"))
         assert set(trial.params) == set(values)  # Optuna saw exactly the active parameters
-        for key in ("layer_lr_scales.1", "layer_lr_scales.2", "layer_lr_scales.3"):
+        for key in ("lr_scale_1", "lr_scale_2", "lr_scale_3"):
             assert 0.1 <= values[key] <= 1.0
         config, _ = build_config(space.fixed, values)  # every sample is a valid config
         assert (config.alpha_schedule is None) == (schedule == "none")

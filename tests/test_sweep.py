@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +27,7 @@ from ufw.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# DESIGN.md section 4 plus what the sweep adds: every trials part must have these.
+# The trials columns of docs/design.md: every trials part must have these.
 REQUIRED_COLUMNS = [
     "sweep", "trial_id", "member", "seed", "config_id", "preset", "node", "gpu",
     "alpha_start", "alpha_end", "schedule",
@@ -53,6 +55,18 @@ def parts(results: Path, name: str, kind: str = "trials") -> list[Path]:
     return sorted((results / name / kind).glob("part-*.parquet"))
 
 
+def documented_columns(table: str) -> Callable[[str], bool]:
+    """Whether docs/design.md's tables of `trials/` or `epochs/` name a column (a row's first
+    cell; `layer_weight_1` .. `layer_weight_n` stands for every layer)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    section = text.split(f"### `{table}/`", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    names = {name for line in section.splitlines() if line.startswith("| `")
+             for name in re.findall(r"`(\w+)`", line.split("|")[1])}
+    prefixes = [n[:-1] for n in names if n.endswith("_n")]
+    return lambda c: c in names or any(c.startswith(p) and c[len(p):].isdigit()
+                                       for p in prefixes)
+
+
 def assert_schema(frame: pd.DataFrame, results: Path, name: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     assert not missing, missing
@@ -60,6 +74,11 @@ def assert_schema(frame: pd.DataFrame, results: Path, name: str) -> None:
     assert all(s.equals(schemas[0]) for s in schemas), "parts differ in columns or types"
     epochs = read_epochs(str(results / name))
     assert len(epochs) and not [c for c in EPOCH_COLUMNS if c not in epochs.columns]
+    # Every column written is documented, with its meaning and unit.
+    for table, columns in (("trials", frame.columns), ("epochs", epochs.columns)):
+        documented = documented_columns(table)
+        undocumented = [c for c in columns if not documented(c)]
+        assert not undocumented, (f"{table} columns missing from docs/design.md", undocumented)
 
 
 # ---------------------------------------------------------------------- (a) cohort 1
@@ -151,7 +170,7 @@ def test_set_overrides_reach_every_row(ray_local, tiny_space, tmp_path, monkeypa
     assert (frame["epochs_run"] == 1).all()
     assert (frame["lr"] == 0.002).all()  # --set wins over the sampled value
     epochs = read_epochs(str(results / "over"))
-    assert len(epochs) == 2 and (epochs["epoch"] == 0).all()
+    assert len(epochs) == 2 and (epochs["epoch"] == 1).all()  # epochs count from 1
 
 
 # ---------------------------------------------------------------------- (d) failures

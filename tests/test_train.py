@@ -1,4 +1,4 @@
-"""The trainer's arithmetic and the population invariant (DESIGN.md sections 1-2)."""
+"""The trainer's arithmetic and the population invariant (docs/design.md)."""
 
 import json
 import math
@@ -33,8 +33,10 @@ def test_create_optimizer_lr_groups():
     model = trainer.create_model()
     optimizer = trainer.create_optimizer(model, base_lr=1e-3)
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    assert lrs == pytest.approx({"embedding_head": 1e-3, "layer_1": 1e-3, "layer_2": 5e-4,
+    assert lrs == pytest.approx({"other": 1e-3, "layer_1": 1e-3, "layer_2": 5e-4,
                                  "layer_3": 1e-4})
+    assert [g["name"] for g in optimizer.param_groups] == ["layer_1", "layer_2", "layer_3",
+                                                           "other"]  # the framework's order
     block2 = {id(p) for g in optimizer.param_groups if g["name"] == "layer_2"
               for p in g["params"]}
     assert block2 == {id(p) for n, p in model.named_member_params() if n.startswith("2.")}
@@ -61,7 +63,12 @@ def test_alpha_schedule_changes_the_loss_weights_per_epoch(corpus):
     ce = [F.cross_entropy(model.logits(h)[0], y.flatten()).item() for h in hidden]
     for epoch, alpha in ((0, 0.9), (1, 0.5), (2, 0.1)):
         expected = alpha * ce[0] + (1 - alpha) * ce[2]
-        assert trainer.compute_loss(model, x, y, epoch).item() == pytest.approx(expected, 1e-5)
+        trainer.set_training_state(epoch, 3)
+        assert trainer.get_current_weights() == pytest.approx({1: alpha, 2: 0, 3: 1 - alpha})
+        assert trainer.compute_loss(model, x, y).item() == pytest.approx(expected, 1e-5)
+    # weights given explicitly override the training state
+    assert trainer.compute_loss(model, x, y, weights={1: 0.25, 3: 0.75}).item() == \
+        pytest.approx(0.25 * ce[0] + 0.75 * ce[2], 1e-5)
 
 
 def test_routing_metrics_on_a_constructed_case():
@@ -89,23 +96,37 @@ def test_max_softmax_confidence():
 
 def test_early_stopping_at_first_worse_epoch_with_patience_0():
     member = MemberRecord()
-    for epoch, ppl in enumerate([10.0, 9.0, 9.5, 8.0]):
+    for epoch, ppl in enumerate([10.0, 9.0, 9.5, 8.0], start=1):  # epochs count from 1
         member.observe(epoch, ppl, patience=0)
         if member.status != "running":
             break
-    assert (member.status, member.best_epoch, member.best_ppl, epoch) == ("completed", 1, 9.0, 2)
+    assert (member.status, member.best_epoch, member.best_ppl, epoch) == ("completed", 2, 9.0, 3)
     patient = MemberRecord()
-    for epoch, ppl in enumerate([10.0, 9.0, 9.5, 9.2, 8.0, 8.5, 8.6, 8.7]):
+    for epoch, ppl in enumerate([10.0, 9.0, 9.5, 9.2, 8.0, 8.5, 8.6, 8.7], start=1):
         patient.observe(epoch, ppl, patience=2)
-        if epoch == 6:
+        if epoch == 7:
             assert patient.status == "running"  # 2 bad epochs: not more than patience yet
-    assert (patient.best_epoch, patient.status) == (4, "completed")
+    assert (patient.best_epoch, patient.status) == (5, "completed")
+
+
+def test_epochs_are_numbered_from_1_in_rows_and_results(corpus):
+    """As the framework reports them; the alpha schedule still sees 0, 1, ... (its start
+    value in the first epoch)."""
+    config = tiny("asymmetric_best", max_epochs=2, patience=5,
+                  alpha_schedule=AlphaSchedule("linear", 0.9, 0.5))
+    population = Population([config], corpus)
+    rows = population.run_epoch() + population.run_epoch()
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["alpha"] for r in rows] == pytest.approx([0.9, 0.5])
+    best = population.results()[0]
+    assert best["best_epoch"] == 1 + min(range(2), key=lambda e: rows[e]["val_ppl"])
+    assert best["best_ppl"] == min(r["val_ppl"] for r in rows)
 
 
 def test_non_finite_ppl_fails_the_member():
     member = MemberRecord()
-    member.observe(0, 5.0, 0)
-    member.observe(1, math.nan, 0)
+    member.observe(1, 5.0, 0)
+    member.observe(2, math.nan, 0)
     assert member.status == "failed" and "diverged" in member.error and member.best_ppl == 5.0
 
 
@@ -156,7 +177,7 @@ def test_population_adamw_matches_torch_adamw(corpus):
     trainer = UniversalTrainer(config, corpus.vocab_size)
     reference, ours = trainer.create_model(), trainer.create_model()
     optimizer = trainer.create_optimizer(reference)
-    trainer.train_epoch(reference, optimizer, corpus.train_batches[:3])
+    trainer.train_epoch(reference, corpus.train_batches[:3], optimizer, config.grad_clip)
     adamw = PopulationAdamW(ours, [config])
     for x, y in corpus.train_batches[:3]:
         trainer.compute_loss(ours, x, y).backward()
@@ -170,7 +191,7 @@ def test_seed_api_evaluate_reports_routing(corpus):
     trainer = UniversalTrainer(tiny("lpt_routing", routing_threshold=0.3), corpus.vocab_size)
     model = trainer.create_model()
     optimizer = trainer.create_optimizer(model, base_lr=3e-3)
-    loss = trainer.train_epoch(model, optimizer, corpus.train_batches)
+    loss, _ = trainer.train_epoch(model, corpus.train_batches, optimizer)
     stats = trainer.evaluate(model, corpus.val_batches)
     assert set(stats) == {"ppl", "acc", "shallow_ratio", "compute_cost"}
     assert math.isfinite(loss) and 1 < stats["ppl"] < corpus.vocab_size
@@ -244,9 +265,13 @@ def test_readme_usage_runs():
     optimizer = trainer.create_optimizer(model, base_lr=1e-3)
     assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx(
         [1e-4, 5e-4, 1e-3, 1e-3])
-    assert math.isfinite(trainer.train_epoch(model, optimizer, corpus.train_batches, epoch=0))
-    assert set(trainer.evaluate(model, corpus.val_batches)) == {"ppl", "acc", "shallow_ratio",
-                                                                 "compute_cost"}
+    for epoch in range(2):
+        loss, weights = trainer.train_epoch(model, corpus.train_batches, optimizer,
+                                            grad_clip=1.0, epoch=epoch, max_epochs=2)
+        stats = trainer.evaluate(model, corpus.val_batches)
+        assert math.isfinite(loss) and weights[1] == pytest.approx((0.9, 0.5)[epoch])
+    assert set(stats) == {"ppl", "acc", "shallow_ratio", "compute_cost"}
+    assert config.describe().startswith("Weights: [L1:0.70, L2:0.00, L3:0.30]")
     assert "asymmetric_best" in PRESETS
 
 
@@ -275,7 +300,7 @@ def test_blocks_above_every_weighted_exit_stay_untouched(corpus):
     assert not torch.equal(before["1.wqkv"], after["1.wqkv"])
     trainer = UniversalTrainer(config, corpus.vocab_size)
     reference = trainer.create_model()
-    trainer.train_epoch(reference, trainer.create_optimizer(reference), corpus.train_batches)
+    trainer.train_epoch(reference, corpus.train_batches, trainer.create_optimizer(reference))
     for (name, p), (_, q) in zip(reference.named_member_params(),
                                  population.model.named_member_params()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,8 +1,27 @@
-"""ufw: hyperparameter sweeps for early-exit transformers (Universal Training Framework)."""
+"""ufw: hyperparameter sweeps for early-exit transformers (Universal Training Framework).
+
+The method, populations, the Parquet schema and the data are described in docs/design.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 from ufw.config import PRESETS, AlphaSchedule, UniversalConfig
-from ufw.train import UniversalTrainer
 
 __all__ = ["PRESETS", "AlphaSchedule", "UniversalConfig", "UniversalTrainer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """`ufw.UniversalTrainer`, imported on first use (PEP 562).
+
+    Importing ufw.train here would put it in sys.modules before `python -m ufw.train` runs it
+    as __main__, and runpy would warn on every run that the module was imported twice.
+    """
+    if name == "UniversalTrainer":
+        from ufw.train import UniversalTrainer
+
+        return UniversalTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ import yaml
 
 from ufw.config import PRESETS, ConfigError, UniversalConfig, preset
 from ufw.data import Corpus, load_corpus
+from ufw.space import DATA_KEYS
 
 USER_ERROR = 2
 
@@ -25,16 +26,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parser(prog: str, description: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description=description)
-    data = p.add_argument_group("data (DESIGN.md section 6)")
-    data.add_argument("--data", default="python-docs",
-                      help="python-docs (offline, default) or wikitext2[:DIR]")
+    data = p.add_argument_group("data (docs/design.md, section Data)")
+    data.add_argument("--data", help="python-docs (offline, default) or wikitext2[:DIR]")
     data.add_argument("--train-file", help="any UTF-8 text file to train on")
     data.add_argument("--val-file", help="any UTF-8 text file to validate on")
     data.add_argument("--train-chars", type=int, help="use the first N training characters")
     data.add_argument("--val-chars", type=int, help="use the first N validation characters")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (YAML syntax), e.g. --set max_epochs=2 "
-                        "--set layer_weights.1=0.5; repeatable")
+                   help="override a knob (YAML syntax; names: docs/knobs.md), e.g. "
+                        "--set max_epochs=2 "
+                        "--set layer_weight_1=0.5; repeatable")
     return p
 
 
@@ -74,13 +75,24 @@ def config_from_args(args: argparse.Namespace) -> UniversalConfig:
     return config.with_overrides(overrides)
 
 
-def corpus_from_args(args: argparse.Namespace, config: UniversalConfig) -> Corpus:
-    for flag in ("train_chars", "val_chars"):
+def data_flags(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The data to load: `base` (a space's data section, a sweep's record) with the data flags
+    given on the command line replacing its entries; python-docs if nothing names one."""
+    data = dict(base or {})
+    for flag in DATA_KEYS:
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')}: must be a positive integer")
-    return load_corpus(args.data, args.train_file, args.val_file, args.train_chars,
-                       args.val_chars, config.batch_size, config.seq_len)
+        if value is not None:
+            if flag in ("train_chars", "val_chars") and value < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')}: must be a positive integer")
+            data[flag] = value
+    data.setdefault("data", "python-docs")
+    return data
+
+
+def corpus_from_args(args: argparse.Namespace, config: UniversalConfig,
+                     base: dict[str, Any] | None = None) -> Corpus:
+    return load_corpus(**data_flags(args, base), batch_size=config.batch_size,
+                       seq_len=config.seq_len)
 
 
 def check_device(device: str) -> str:

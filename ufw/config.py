@@ -7,10 +7,13 @@ search space, a YAML file, `--set key=value` and the Parquet columns all speak t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
 import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import yaml
 
 SCHEDULES = ("constant", "linear", "cosine", "step")
 CONFIDENCE_METHODS = ("max_softmax", "entropy", "margin", "learned")
+ALPHA = "\N{GREEK SMALL LETTER ALPHA}"  # describe() writes alpha as the framework does
 
 
 class ConfigError(ValueError):
@@ -29,13 +33,14 @@ class ConfigError(ValueError):
 class AlphaSchedule:
     """Weight of the first exit over training; `1 - alpha` goes to the last layer.
 
-    Evaluated per epoch with progress = min(1, epoch / max(1, max_epochs - 1)).
+    Evaluated per epoch (counted from 0, as the framework's `train_epoch(epoch=...)` passes
+    it) with progress = min(1, epoch / max(1, max_epochs - 1)). Defaults are the framework's.
     """
 
     schedule_type: str = "constant"
-    start: float = 0.5
+    start: float = 0.7
     end: float = 0.5
-    steps: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # epochs, counted from 0, of each drop
 
     def get_alpha(self, epoch: int, max_epochs: int) -> float:
         progress = min(1.0, epoch / max(1, max_epochs - 1))
@@ -54,6 +59,15 @@ class AlphaSchedule:
             return max(alpha, self.end) if self.start >= self.end else min(alpha, self.end)
         raise ConfigError(f"alpha_schedule.schedule_type: unknown {self.schedule_type!r}, "
                           f"allowed: {', '.join(SCHEDULES)}")
+
+    def describe(self) -> str:
+        """One line for humans, as the framework writes it (e.g. "alpha: 0.9 -> 0.5 (cosine)",
+        with the Greek letter and an arrow)."""
+        if self.schedule_type == "constant":
+            return f"{ALPHA}={self.start} (constant)"
+        if self.schedule_type == "step":
+            return f"{ALPHA}: {self.start}\N{RIGHTWARDS ARROW}{self.end} (step at {self.steps})"
+        return f"{ALPHA}: {self.start}\N{RIGHTWARDS ARROW}{self.end} ({self.schedule_type})"
 
     def validate(self) -> None:
         if self.schedule_type not in SCHEDULES:
@@ -77,11 +91,11 @@ class UniversalConfig:
     # --- the Universal Training Framework ---
     layer_weights: dict[int, float] = field(default_factory=lambda: {1: 0.0, 2: 0.0, 3: 1.0})
     exit_layer: int = 1
-    routing_threshold: float = 0.0  # 0 disables routing: every token goes deep
+    routing_threshold: float = 0.95  # 0 disables routing: every token goes deep
     normalize_weights: bool = False
     alpha_schedule: AlphaSchedule | None = None
     layer_lr_scales: dict[int, float] | None = None
-    # --- beyond the framework (DESIGN.md section 1, last paragraph) ---
+    # --- beyond the framework (docs/design.md, section Extensions) ---
     confidence_method: str = "max_softmax"
     confidence_loss_weight: float = 0.1  # weight of the learned confidence head's loss
     exit_layers: list[int] | None = None  # several exits; None means [exit_layer]
@@ -118,17 +132,49 @@ class UniversalConfig:
             return [float(self.exit_thresholds[e]) for e in self.exits]
         return [float(self.routing_threshold)] * len(self.exits)
 
+    @property
+    def has_routing(self) -> bool:
+        """Routing is on: a threshold > 0 (a token leaves early when its confidence meets it)."""
+        return any(t > 0 for t in self.thresholds)
+
+    @property
+    def has_dynamic_alpha(self) -> bool:
+        """An alpha schedule that changes over training (a constant one does not)."""
+        return self.alpha_schedule is not None and self.alpha_schedule.schedule_type != "constant"
+
+    @property
+    def has_layer_lr(self) -> bool:
+        return self.layer_lr_scales is not None
+
+    def describe(self) -> str:
+        """One line for humans, in the framework's words: weights, routing, alpha, LR scales."""
+        weights = ", ".join(f"L{k}:{v:.2f}" for k, v in sorted(self.layer_weights.items()))
+        routing = f"threshold={self.routing_threshold}" if self.has_routing else "disabled"
+        text = f"Weights: [{weights}], Routing: {routing}"
+        if self.has_dynamic_alpha:
+            text += f", {self.alpha_schedule.describe()}"
+        if self.layer_lr_scales is not None:
+            scales = ", ".join(f"L{k}:{v:.2f}x" for k, v in sorted(self.layer_lr_scales.items()))
+            text += f", LR scales: [{scales}]"
+        return text
+
     def get_layer_weights(self, epoch: int = 0, max_epochs: int | None = None) -> dict[int, float]:
-        """Loss weight of every layer (1-indexed) at this epoch, after alpha and normalisation."""
+        """Loss weight of every layer (1-indexed) at this epoch (counted from 0).
+
+        The framework's order: `normalize_weights` scales the configured weights to sum 1
+        (once: they do not depend on the epoch), then an alpha schedule overwrites the first
+        exit's weight with alpha and the last layer's with 1 - alpha; middle layers keep
+        their (normalised) weight. `max_epochs` None means the configuration's.
+        """
         weights = {i: float(self.layer_weights.get(i, 0.0)) for i in range(1, self.num_layers + 1)}
-        if self.alpha_schedule is not None:
-            alpha = self.alpha_schedule.get_alpha(epoch, max_epochs or self.max_epochs)
-            weights[self.exits[0]] = alpha
-            weights[self.num_layers] = 1.0 - alpha
         if self.normalize_weights:
             total = sum(weights.values())
             if total > 0:
                 weights = {i: w / total for i, w in weights.items()}
+        if self.alpha_schedule is not None:
+            alpha = self.alpha_schedule.get_alpha(epoch, max_epochs or self.max_epochs)
+            weights[self.exits[0]] = alpha
+            weights[self.num_layers] = 1.0 - alpha
         if not any(weights.values()):  # every weight 0: train the final layer alone
             weights[self.num_layers] = 1.0
         return weights
@@ -227,27 +273,12 @@ class UniversalConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UniversalConfig:
-        data = dict(data)
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown config key; allowed: "
-                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
-        for key in ("layer_weights", "layer_lr_scales", "exit_thresholds"):
-            if isinstance(data.get(key), dict):
-                data[key] = {_layer_key(key, k): v for k, v in data[key].items()}
-        schedule = data.get("alpha_schedule")
-        if isinstance(schedule, dict):
-            schedule = dict(schedule)
-            if "type" in schedule:
-                schedule["schedule_type"] = schedule.pop("type")
-            bad = sorted(set(schedule) - {f.name for f in dataclasses.fields(AlphaSchedule)})
-            if bad:
-                raise ConfigError(f"alpha_schedule.{bad[0]}: unknown key; allowed: "
-                                  "schedule_type (or type), start, end, steps")
-            data["alpha_schedule"] = AlphaSchedule(**schedule)
-        elif schedule is not None and not isinstance(schedule, AlphaSchedule):
-            raise ConfigError(f"alpha_schedule: must be a mapping, got {schedule!r}")
-        return cls(**data).validate()
+        """A validated configuration from knob values in any spelling (docs/knobs.md);
+        knobs not given keep their defaults."""
+        fields = apply_knobs(cls().to_dict(), data)
+        if fields["alpha_schedule"] is not None:
+            fields["alpha_schedule"] = AlphaSchedule(**fields["alpha_schedule"])
+        return cls(**fields).validate()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> UniversalConfig:
@@ -257,28 +288,19 @@ class UniversalConfig:
             raise ConfigError(f"config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+        if not isinstance(data or {}, dict):
+            raise ConfigError(f"config file {path}: must be a mapping of config keys")
         if "preset" in (data or {}):
-            base = preset(data.pop("preset")).to_dict()
-            return cls.from_dict({**base, **data})
+            return preset(data.pop("preset")).with_overrides(data)
         return cls.from_dict(data or {})
 
     def with_overrides(self, overrides: dict[str, Any]) -> UniversalConfig:
-        """Apply flat `key=value` overrides; dotted keys reach into mappings (`layer_weights.1`)."""
-        data = self.to_dict()
-        for key, value in overrides.items():
-            head, _, rest = key.partition(".")
-            if rest:
-                sub = data.get(head) or {}
-                if not isinstance(sub, dict):
-                    raise ConfigError(f"{key}: {head} is not a mapping")
-                sub[rest if head == "alpha_schedule" else _layer_key(head, rest)] = value
-                data[head] = sub
-            else:
-                data[head] = value
-        return UniversalConfig.from_dict(data)
+        """This configuration with knobs changed, in any spelling (`alpha_end`,
+        `layer_weight_1`, `layer_weights.1`, ...; see docs/knobs.md)."""
+        return UniversalConfig.from_dict(apply_knobs(self.to_dict(), overrides))
 
     def flat(self) -> dict[str, Any]:
-        """One column per value, as the Parquet schema (DESIGN.md section 4) names them."""
+        """One column per value, as the Parquet schema (docs/design.md) names them."""
         row: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -341,3 +363,258 @@ def preset(name: str) -> UniversalConfig:
     if name not in PRESETS:
         raise ConfigError(f"preset: unknown {name!r}; allowed: {', '.join(PRESETS)}")
     return UniversalConfig.from_dict(PRESETS[name].to_dict())
+
+
+# ==================================================================== knob names
+# Every knob has one canonical name: the Parquet column that results and sweep summaries show
+# it under (`UniversalConfig.flat()`), so that a value read off a results table can be typed
+# back as it is. The nested spellings of the dataclass fields (`alpha_schedule.start`,
+# `layer_weights.1`) stay accepted as aliases. `--set`, YAML config files and search spaces
+# all resolve names here (`canonical_knob`, `apply_knobs`). "N" stands for a layer number.
+@dataclass(frozen=True)
+class Knob:
+    name: str  # canonical
+    aliases: tuple[str, ...]
+    allowed: str  # what validation accepts, in words
+    meaning: str
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("layer_weight_N", ("layer_weights.N",), "number >= 0",
+         "loss weight of layer N (the framework's w_N)"),
+    Knob("layer_weights", (), "mapping layer -> weight >= 0, layers 1..num_layers",
+         "every layer_weight_N at once; layers left out weigh 0"),
+    Knob("normalize_weights", (), "true or false", "divide the weights by their sum"),
+    Knob("exit_layer", (), "integer in 1..num_layers-1", "the early exit (one exit)"),
+    Knob("routing_threshold", (), "number in [0, 1]",
+         "confidence at which a token leaves at the exit; 0 routes every token deep"),
+    Knob("schedule", ("alpha_schedule.schedule_type", "alpha_schedule.type"),
+         "constant, linear, cosine, step, or none (no schedule)",
+         "dynamic alpha: the first exit's weight over training, 1 - alpha on the last layer"),
+    Knob("alpha_start", ("alpha_schedule.start",), "number in [0, 1]",
+         "alpha at the first epoch"),
+    Knob("alpha_end", ("alpha_schedule.end",), "number in [0, 1]",
+         "alpha at the last epoch (linear, cosine) or after the last step"),
+    Knob("alpha_steps", ("alpha_schedule.steps",),
+         "increasing epochs >= 0: a list, or text \"5,10\"", "epochs where a step schedule drops"),
+    Knob("alpha_schedule", (), "mapping {schedule_type (or type), start, end, steps}, or null",
+         "schedule, alpha_start, alpha_end and alpha_steps at once"),
+    Knob("lr_scale_N", ("layer_lr_scales.N",), "number > 0",
+         "learning rate of layer N's block: lr x lr_scale_N"),
+    Knob("layer_lr_scales", (), "mapping layer -> scale > 0, or null (all 1)",
+         "every lr_scale_N at once"),
+    Knob("confidence_method", (), "max_softmax, entropy, margin, learned",
+         "how an exit measures its confidence"),
+    Knob("confidence_loss_weight", (), "number >= 0", "weight of the learned head's loss"),
+    Knob("exit_layers", (), "list of distinct layers in 1..num_layers-1, or null",
+         "several early exits (null: [exit_layer])"),
+    Knob("exit_thresholds.N", (), "number in [0, 1]", "routing threshold of exit N"),
+    Knob("exit_thresholds", (),
+         "mapping exit -> threshold in [0, 1], a list in exit order (as its column shows "
+         "it), or null", "every exit's threshold at once (null: routing_threshold)"),
+    Knob("distillation_alpha", (), "number in [0, 1]",
+         "loss = a x task + (1 - a) x KL to the teacher; 1: no distillation"),
+    Knob("distillation_temperature", (), "number > 0", "softmax temperature of distillation"),
+    Knob("teacher", (), "self, or the path of a saved ufw model", "distillation teacher"),
+    Knob("num_experts", (), "integer >= 1", "Mixture-of-Experts FFNs per block (1: dense)"),
+    Knob("experts_top_k", (), "integer in 1..num_experts", "experts each token uses"),
+    Knob("moe_aux_weight", (), "number >= 0", "weight of the MoE load-balancing loss"),
+    Knob("dim", (), "integer >= 1, num_heads x an even head size", "model width"),
+    Knob("num_layers", (), "integer >= 1", "transformer blocks"),
+    Knob("num_heads", (), "integer >= 1 dividing dim into an even head size",
+         "attention heads"),
+    Knob("lr", (), "number > 0", "base learning rate (AdamW)"),
+    Knob("weight_decay", (), "number >= 0", "AdamW weight decay"),
+    Knob("max_epochs", (), "integer >= 1", "epochs at most"),
+    Knob("patience", (), "integer >= 0", "stop once validation PPL has not improved for "
+         "more than this many epochs (0: at the first epoch that is not better)"),
+    Knob("grad_clip", (), "number >= 0", "gradient norm clip per block (0: off)"),
+    Knob("batch_size", (), "integer >= 1", "sequences per batch"),
+    Knob("seq_len", (), "integer >= 1", "characters per sequence"),
+    Knob("seed", (), "integer >= 0", "initialisation seed (not part of config_id)"),
+)
+
+# The alpha schedule's knobs: canonical name -> AlphaSchedule field.
+ALPHA_KNOBS = {"schedule": "schedule_type", "alpha_start": "start", "alpha_end": "end",
+               "alpha_steps": "steps"}
+# Per-layer knobs: "layer_weight_N" -> the mapping field it is an entry of.
+_PER_LAYER = {"layer_weight_N": "layer_weights", "lr_scale_N": "layer_lr_scales",
+              "exit_thresholds.N": "exit_thresholds"}
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(UniversalConfig))
+
+
+def _pattern(spelling: str) -> re.Pattern:
+    return re.compile(re.escape(spelling).replace("N", r"(\d+)") + "$")
+
+
+# (pattern of a spelling, its canonical name), for every spelling of every knob.
+_SPELLINGS = [(_pattern(spelling), knob.name) for knob in KNOBS
+              for spelling in (knob.name, *knob.aliases)]
+
+
+def canonical_knob(name: str, also: tuple[str, ...] = ()) -> str:
+    """The canonical name of a knob given in any spelling (`alpha_schedule.end` ->
+    `alpha_end`, `layer_weights.2` -> `layer_weight_2`); `also` names other keys the caller
+    accepts (for the suggestion). An unknown name raises ConfigError with the closest one."""
+    for pattern, canonical in _SPELLINGS:
+        match = pattern.match(name)
+        if match:
+            return canonical.replace("N", str(int(match[1]))) if match.groups() else canonical
+    raise ConfigError(f"{name}: unknown config key; {_suggestion(name, also)}")
+
+
+def _suggestion(name: str, also: tuple[str, ...]) -> str:
+    layer = re.search(r"(\d+)$", name)
+    known = [spelling.replace("N", layer[1] if layer else "1")
+             for knob in KNOBS for spelling in (knob.name, *knob.aliases)]
+    close = difflib.get_close_matches(name, [*known, *also], n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}? (every knob: docs/knobs.md)"
+    return "every knob and its spellings: docs/knobs.md"
+
+
+def knob_field(name: str) -> tuple[str, int | None]:
+    """The UniversalConfig field a canonical knob belongs to, and its layer (if per-layer)."""
+    if name in ALPHA_KNOBS:
+        return "alpha_schedule", None
+    for template, field_name in _PER_LAYER.items():
+        match = _pattern(template).match(name)
+        if match:
+            return field_name, int(match[1])
+    return name, None
+
+
+def is_numeric_knob(name: str) -> bool:
+    """Whether a knob (any spelling) takes a number."""
+    canonical = canonical_knob(name)
+    field_name, layer = knob_field(canonical)
+    return (layer is not None or canonical in ("alpha_start", "alpha_end")
+            or typing.get_type_hints(UniversalConfig).get(field_name) in (int, float))
+
+
+def parse_steps(value: Any, key: str = "alpha_steps") -> list[int]:
+    """`alpha_steps` as a list of epochs: a list, one epoch, or text such as '2,4' or '[2, 4]'
+    (text lets it be a categorical choice, and is how its Parquet column shows it)."""
+    if isinstance(value, str):
+        try:
+            return [int(s) for s in value.replace("[", "").replace("]", "").split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"{key}: expected epochs like '2,4', got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise ConfigError(f"{key}: expected a list of epochs (or a string '2,4'), got {value!r}")
+
+
+def apply_knobs(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """`data` (fields as `to_dict()` gives them) with `values` applied: knobs in any spelling.
+
+    Whole fields are applied before entries, so that `layer_weights: {...}` and
+    `layer_weight_2: 0.5` together set the mapping and then change layer 2. Giving one knob
+    twice under two spellings is an error.
+    """
+    data = dict(data)
+    given: dict[str, str] = {}
+    entries: dict[str, tuple[str, Any]] = {}
+    for key, value in values.items():
+        name = canonical_knob(str(key))
+        if name in given:
+            raise ConfigError(f"{key}: the same knob as {given[name]} ({name}); give it once")
+        given[name] = str(key)
+        if name in _FIELD_NAMES:
+            data[name] = _whole_field(name, value)
+        else:
+            entries[name] = (str(key), value)
+    if isinstance(data.get("exit_thresholds"), list):
+        data["exit_thresholds"] = _thresholds_by_exit(data)
+    alpha = {}
+    for name, (key, value) in entries.items():
+        field_name, layer = knob_field(name)
+        if layer is None:
+            alpha[name] = (key, value)
+            continue
+        mapping = data.get(field_name)
+        if mapping is not None and not isinstance(mapping, dict):
+            raise ConfigError(f"{key}: {field_name} is not a mapping ({mapping!r})")
+        data[field_name] = {**(mapping or {}), layer: value}
+    if alpha:
+        data["alpha_schedule"] = _alpha_schedule(data.get("alpha_schedule"), alpha)
+    return data
+
+
+def _whole_field(name: str, value: Any) -> Any:
+    if name == "alpha_schedule":
+        if value is None:
+            return None
+        if isinstance(value, AlphaSchedule):
+            return dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"alpha_schedule: must be a mapping, got {value!r}")
+        alpha = {}
+        for key, entry in value.items():
+            canonical = canonical_knob(f"alpha_schedule.{key}")
+            if canonical not in ALPHA_KNOBS:
+                raise ConfigError(f"alpha_schedule.{key}: unknown key; allowed: "
+                                  "schedule_type (or type), start, end, steps")
+            alpha[canonical] = (f"alpha_schedule.{key}", entry)
+        return _alpha_schedule(None, alpha)
+    if name in _PER_LAYER.values() and isinstance(value, dict):
+        return {_layer_key(name, k): v for k, v in value.items()}
+    return value
+
+
+def _alpha_schedule(schedule: dict[str, Any] | AlphaSchedule | None,
+                    alpha: dict[str, tuple[str, Any]]) -> dict[str, Any] | None:
+    """`schedule` with alpha knobs applied (canonical name -> (spelling, value)); None for
+    `schedule: none`. Without a schedule yet, the others start from AlphaSchedule's defaults."""
+    if isinstance(schedule, AlphaSchedule):
+        schedule = dataclasses.asdict(schedule)
+    schedule = dict(schedule or dataclasses.asdict(AlphaSchedule()))
+    for name, (key, value) in alpha.items():
+        if name == "schedule" and value in (None, "none"):
+            return None
+        schedule[ALPHA_KNOBS[name]] = parse_steps(value, key) if name == "alpha_steps" else value
+    return schedule
+
+
+def _thresholds_by_exit(data: dict[str, Any]) -> Any:
+    """exit_thresholds given as a list (its column's form): one per exit, in depth order."""
+    thresholds, layers = data["exit_thresholds"], data.get("exit_layers")
+    exits = sorted(layers) if isinstance(layers, list) and layers else [data.get("exit_layer")]
+    if len(thresholds) != len(exits):
+        raise ConfigError(f"exit_thresholds: {len(thresholds)} thresholds for the exits "
+                          f"{exits}; give one per exit")
+    return dict(zip(exits, thresholds))
+
+
+def knob_table() -> str:
+    """The Markdown table of every knob (docs/knobs.md), defaults from `UniversalConfig()`."""
+    lines = ["| knob | also accepted | allowed values | default | meaning |",
+             "|---|---|---|---|---|"]
+    for knob in KNOBS:
+        aliases = ", ".join(f"`{a}`" for a in knob.aliases) or ""
+        lines.append(f"| `{knob.name}` | {aliases} | {knob.allowed} | {_default_text(knob)} "
+                     f"| {knob.meaning} |")
+    return "\n".join(lines)
+
+
+def _default_text(knob: Knob) -> str:
+    default = UniversalConfig()
+    if knob.name == "exit_thresholds.N":
+        return "routing_threshold"
+    if knob.name in _PER_LAYER:
+        flat = default.flat()
+        return ", ".join(f"{i}: {flat[knob.name.replace('N', str(i))]:g}"
+                         for i in range(1, default.num_layers + 1))
+    if knob.name in ALPHA_KNOBS:
+        if knob.name == "schedule":
+            return "none"
+        value = getattr(AlphaSchedule(), ALPHA_KNOBS[knob.name])
+        return f"{value} (once a schedule is set)"
+    value = getattr(default, knob.name)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v:g}" for k, v in value.items()) + "}"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(
+        value)
+

@@ -114,7 +114,7 @@ def _read(path: str, chars: int | None, what: str) -> str:
 def load_corpus(data: str = "python-docs", train_file: str | None = None,
                 val_file: str | None = None, train_chars: int | None = None,
                 val_chars: int | None = None, batch_size: int = 32, seq_len: int = 64) -> Corpus:
-    """The corpus named by the data flags of DESIGN.md section 6."""
+    """The corpus named by the data flags (docs/design.md, section Data)."""
     if train_file or val_file:
         if not (train_file and val_file):
             raise ConfigError("--train-file and --val-file: give both")

@@ -4,7 +4,7 @@ Every parameter carries a leading member axis: member k of a population is an in
 model with its own initialisation, and the population runs as batched matrix products
 (`torch.bmm`) instead of K separate models. K = 1 is a plain single model.
 
-Architecture (DESIGN.md section 1): token embedding, `num_layers` post-norm blocks
+Architecture (docs/design.md, section The method): token embedding, `num_layers` post-norm blocks
 RMSNorm(x + Attn(x)), RMSNorm(x + GLU-FFN(x)) with rotary causal attention, and ONE output
 head shared by every exit, so the logits of layer i are head(h_i). No biases.
 """
@@ -40,8 +40,12 @@ class ModelShape:
 
 
 def _trunc_normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    """`nn.init.trunc_normal_` with PyTorch's default bounds a=-2, b=2, as the framework draws
+    its weights. The bounds are absolute, not in standard deviations: at the std used here
+    (1/sqrt(dim), 0.02) they lie 16 to 100 stds out, so the draw is in effect an untruncated
+    normal of exactly `std`. (Bounds of +-2 std would shrink every std to 0.88x.)"""
     t = torch.empty(shape)
-    return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std, generator=gen)
+    return nn.init.trunc_normal_(t, std=std, generator=gen)
 
 
 def init_member(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:

@@ -1,10 +1,11 @@
-"""Sweep results as Parquet (DESIGN.md section 4): written by the sweep driver, read by anyone.
+"""Sweep results as Parquet, written by the sweep driver, read by anyone (docs/design.md).
 
 Layout under `<results>/<sweep>/` (a local directory or any pyarrow filesystem URI such as
-`s3://bucket/results` or `file:///shared/results`):
+`s3://bucket/results` or `file:///mnt/nfs/results`):
 
     trials/part-<trial_id>.parquet   one row per population member (configuration x seed)
     epochs/part-<trial_id>.parquet   one row per member per epoch
+    sweep.json                       what the sweep ran: its space, overrides, data flags
 
 Every part is written to a hidden temporary name in its directory and then renamed, so a
 reader never sees half a file; a retried or resumed trial replaces its own part, so rows are
@@ -18,6 +19,7 @@ so that every part of a sweep has the same schema even when a value is null in o
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import typing
@@ -33,6 +35,7 @@ import pyarrow.parquet as pq
 from ufw.config import UniversalConfig
 
 TRIALS, EPOCHS = "trials", "epochs"
+SWEEP_RECORD = "sweep.json"
 
 _PY_TO_ARROW = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
 
@@ -223,3 +226,20 @@ def read_trials(uri: str):
 def read_epochs(uri: str):
     """All epoch rows of a sweep as a DataFrame."""
     return _read(uri, EPOCHS)
+
+
+def sweep_dir(uri: str) -> str:
+    """`<results>/<sweep>` from itself or from its trials/ or epochs/ directory."""
+    uri = uri.rstrip("/")
+    head, _, tail = uri.rpartition("/")
+    return head if tail in (TRIALS, EPOCHS) and head else uri
+
+
+def read_sweep_record(uri: str) -> dict[str, Any] | None:
+    """The sweep's `sweep.json` (written by its driver), or None where there is none."""
+    fs, base = filesystem(sweep_dir(uri))
+    try:
+        with fs.open_input_stream(join(base, SWEEP_RECORD)) as f:
+            return json.loads(f.readall().decode())
+    except (OSError, ValueError):
+        return None

@@ -13,11 +13,12 @@ A search space (see `search_spaces/*.yaml` and docs/sweep.md) has these top-leve
     points:      instead of parameters, a list of explicit configurations (mappings of config
                  keys), each trained once x seeds (ufw.confirm writes such spaces)
 
-Parameter (and fixed) names are config keys: plain fields (`lr`, `routing_threshold`,
-`confidence_method`, ...), dotted keys into a per-layer mapping (`layer_weights.1`,
-`layer_lr_scales.2`, `exit_thresholds.1`), the alpha schedule's `alpha_start`, `alpha_end`,
-`schedule` (constant, linear, cosine, step, or none for no schedule) and `alpha_steps`, and
-`preset` (a categorical over preset names).
+Parameter (and fixed) names are knobs (docs/knobs.md) in any of their spellings: plain fields
+(`lr`, `routing_threshold`, ...), per-layer entries (`layer_weight_1` or `layer_weights.1`,
+`lr_scale_2` or `layer_lr_scales.2`, `exit_thresholds.1`), the alpha schedule's `schedule`
+(constant, linear, cosine, step, or none for no schedule), `alpha_start`, `alpha_end` and
+`alpha_steps` (or `alpha_schedule.start`, ...), and `preset` (a categorical over preset
+names). Names are stored canonical, so a sampled parameter is named as its Parquet column.
 
 `load_space()` validates everything, including one configuration built from every bound and
 choice, so that a bad space fails with `ConfigError` (one message naming the key) before any
@@ -32,14 +33,23 @@ import itertools
 import json
 import math
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ufw.config import PRESETS, SCHEDULES, ConfigError, UniversalConfig
+from ufw.config import (
+    PRESETS,
+    SCHEDULES,
+    ConfigError,
+    UniversalConfig,
+    apply_knobs,
+    canonical_knob,
+    is_numeric_knob,
+    knob_field,
+    parse_steps,
+)
 
 TOP_LEVEL_KEYS = ("description", "fixed", "parameters", "objectives", "defaults", "data",
                   "sampler", "points")
@@ -58,12 +68,9 @@ POINT = "point"  # the study parameter of a space of explicit points: the point'
 DATA_KEYS = ("data", "train_file", "val_file", "train_chars", "val_chars")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 SAMPLER_KEYS = ("type", "seed", "population_size", "n_startup_trials")
-ALPHA_KEYS = ("alpha_start", "alpha_end", "schedule", "alpha_steps")
 MAPPING_FIELDS = ("layer_weights", "layer_lr_scales", "exit_thresholds")
 # Fields that are not scalars: they can be fixed, but not swept as one parameter.
 STRUCTURED_FIELDS = (*MAPPING_FIELDS, "alpha_schedule", "exit_layers")
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(UniversalConfig))
-_FIELD_TYPES = typing.get_type_hints(UniversalConfig)
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -77,55 +84,26 @@ def as_number(value: Any) -> Any:
 
 def is_numeric_key(name: str) -> bool:
     """Keys whose values are numbers (so `1e-3` written in YAML means 0.001)."""
-    head, _, rest = name.partition(".")
-    if rest or name in ("alpha_start", "alpha_end"):
-        return head in MAPPING_FIELDS or name in ("alpha_start", "alpha_end")
-    return _FIELD_TYPES.get(name) in (int, float)
+    return name != "preset" and is_numeric_knob(name)
 
 
-def check_key(name: str, where: str) -> None:
-    """A parameter or fixed name must map onto a config value."""
-    label = f"{where} {name}" if where.startswith("--") else f"{where}.{name}"
-    head, dot, rest = name.partition(".")
-    if dot:
-        if head not in MAPPING_FIELDS:
-            raise ConfigError(f"{label}: unknown config key; dotted keys reach into "
-                              f"{', '.join(MAPPING_FIELDS)} (e.g. layer_weights.1)")
-        if not rest.isdigit():
-            raise ConfigError(f"{label}: after '{head}.' give a layer number, e.g. {head}.1")
-        return
-    if name in ALPHA_KEYS or name == "preset" or name in CONFIG_FIELDS:
-        return
-    raise ConfigError(f"{label}: unknown config key; allowed: config fields "
-                      f"({', '.join(CONFIG_FIELDS)}), dotted per-layer keys (layer_weights.N, "
-                      f"layer_lr_scales.N, exit_thresholds.N), {', '.join(ALPHA_KEYS)}, preset")
-
-
-def _steps(value: Any, key: str) -> list[int]:
-    """`alpha_steps` as a list of epochs: a list, or (for categoricals) a string '2,4'."""
-    if isinstance(value, str):
-        try:
-            return [int(s) for s in value.replace("[", "").replace("]", "").split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"{key}: expected epochs like '2,4', got {value!r}") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list):
-        return value
-    raise ConfigError(f"{key}: expected a list of epochs (or a string '2,4'), got {value!r}")
+def knob_name(name: str, where: str) -> str:
+    """The canonical name (docs/knobs.md) of a fixed, parameter or --set key; `preset` too."""
+    if name == "preset":
+        return name
+    try:
+        return canonical_knob(name, also=("preset",))
+    except ConfigError as e:
+        raise ConfigError(f"{where} {e}" if where.startswith("--") else f"{where}.{e}") from None
 
 
 def parameter_column(name: str) -> str | None:
-    """The Parquet column of a parameter name (None: it has no column of its own).
-
-    Per-layer keys have one column per layer (`layer_weights.1` -> `layer_weight_1`);
-    `exit_thresholds.N` lives in the JSON column `exit_thresholds`, shared by every exit.
-    """
-    head, dot, rest = name.partition(".")
-    if not dot:
+    """The Parquet column of a parameter: its canonical knob name (docs/knobs.md); None for
+    `exit_thresholds.N`, an entry of the list column `exit_thresholds`."""
+    if name == "preset":
         return name
-    return {"layer_weights": f"layer_weight_{rest}", "layer_lr_scales": f"lr_scale_{rest}"}.get(
-        head)
+    canonical = canonical_knob(name)
+    return None if knob_field(canonical)[0] == "exit_thresholds" else canonical
 
 
 def build_config(*layers: dict[str, Any]) -> tuple[UniversalConfig, str | None]:
@@ -143,46 +121,8 @@ def build_config(*layers: dict[str, Any]) -> tuple[UniversalConfig, str | None]:
         data = PRESETS[preset_name].to_dict()
     else:
         data = UniversalConfig().to_dict()
-    alpha: dict[str, Any] = {}
     for layer in layers:
-        for key, value in layer.items():
-            if key == "preset":
-                continue
-            if key in ALPHA_KEYS:
-                alpha[key] = value
-                continue
-            head, dot, rest = key.partition(".")
-            if dot:
-                if head not in MAPPING_FIELDS:
-                    raise ConfigError(f"{key}: unknown config key; dotted keys reach into "
-                                      f"{', '.join(MAPPING_FIELDS)}")
-                sub = dict(data.get(head) or {})
-                try:
-                    sub[int(rest)] = value
-                except ValueError:
-                    raise ConfigError(f"{key}: after '{head}.' give a layer number") from None
-                data[head] = sub
-            else:
-                data[key] = value
-    if alpha:
-        schedule = data.get("alpha_schedule")
-        if dataclasses.is_dataclass(schedule):
-            schedule = dataclasses.asdict(schedule)
-        schedule = dict(schedule or {})
-        kind = alpha.get("schedule", schedule.get("schedule_type", "constant"))
-        if kind in (None, "none"):
-            data["alpha_schedule"] = None
-        else:
-            if kind not in SCHEDULES:
-                raise ConfigError(f"schedule: unknown {kind!r}; allowed: "
-                                  f"{', '.join(SCHEDULES)}, none")
-            schedule["schedule_type"] = kind
-            for key, target in (("alpha_start", "start"), ("alpha_end", "end")):
-                if key in alpha:
-                    schedule[target] = alpha[key]
-            if "alpha_steps" in alpha:
-                schedule["steps"] = _steps(alpha["alpha_steps"], "alpha_steps")
-            data["alpha_schedule"] = schedule
+        data = apply_knobs(data, {k: v for k, v in layer.items() if k != "preset"})
     return UniversalConfig.from_dict(data), preset_name
 
 
@@ -213,15 +153,16 @@ class Parameter:
     def value_in(self, row: dict[str, Any]) -> Any:
         """This parameter's value in a configuration's result row (UniversalConfig.flat()
         columns): the inverse of sampling it, as one of its choices where it has them."""
-        head, _, rest = self.name.partition(".")
-        if head == "exit_thresholds":  # a JSON list, one entry per exit layer
+        column = parameter_column(self.name)
+        if column is None:  # exit_thresholds.N: a JSON list, one entry per exit layer
+            layer = knob_field(canonical_knob(self.name))[1]
             layers, thresholds = json.loads(row["exit_layers"]), json.loads(row["exit_thresholds"])
-            value = thresholds[layers.index(int(rest))]
-        elif self.name == "alpha_steps":
-            steps = json.loads(row["alpha_steps"])
-            value = next((c for c in self.choices if _steps(c, self.name) == steps), steps)
+            value = thresholds[layers.index(layer)]
+        elif column == "alpha_steps":
+            steps = parse_steps(row["alpha_steps"])
+            value = next((c for c in self.choices if parse_steps(c) == steps), steps)
         else:
-            value = row[parameter_column(self.name)]
+            value = row[column]
         value = value.item() if hasattr(value, "item") else value  # numpy scalars: plain
         if self.type == "categorical":
             return next((c for c in self.choices if c == value or (
@@ -472,10 +413,10 @@ def _mapping(value: Any, key: str) -> dict:
 
 def _parse_fixed(raw: Any, where: str = "fixed") -> dict[str, Any]:
     """Config values given as they are: the space's `fixed`, or one of its `points`."""
-    fixed = {}
+    fixed: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in _mapping(raw, where).items():
-        key = str(key)
-        check_key(key, where)
+        key = _unique(knob_name(str(key), where), str(key), spelled, where)
         if key == "seed":
             raise ConfigError(f"{where}.seed: the seeds of a sweep are 42, 43, ... "
                               "(defaults.seeds sets how many); set the first one with --set "
@@ -489,15 +430,33 @@ def _parse_fixed(raw: Any, where: str = "fixed") -> dict[str, Any]:
     return fixed
 
 
+def _unique(name: str, written: str, spelled: dict[str, str], where: str) -> str:
+    """`name` (canonical), refusing a second spelling of a knob already in this section."""
+    if name in spelled:
+        raise ConfigError(f"{where}.{written}: the same knob as {spelled[name]} ({name}); "
+                          "give it once")
+    spelled[name] = written
+    return name
+
+
+# What a sweep can vary of a structured field, one entry at a time.
+_ENTRIES = {"layer_weights": "layer_weight_1, ...", "layer_lr_scales": "lr_scale_1, ...",
+            "exit_thresholds": "exit_thresholds.1, ...",
+            "alpha_schedule": "schedule, alpha_start, alpha_end, alpha_steps"}
+
+
 def _parse_parameters(raw: Any) -> list[Parameter]:
     params: dict[str, Parameter] = {}
-    for name, spec in _mapping(raw, "parameters").items():
-        name = str(name)
-        key = f"parameters.{name}"
-        check_key(name, "parameters")
+    spelled: dict[str, str] = {}
+    for written, spec in _mapping(raw, "parameters").items():
+        key = f"parameters.{written}"
+        name = _unique(knob_name(str(written), "parameters"), str(written), spelled,
+                       "parameters")
         if name in STRUCTURED_FIELDS:
-            raise ConfigError(f"{key}: a mapping or list field cannot be one parameter; sweep "
-                              f"its entries (e.g. {name}.1) or fix it under fixed")
+            entries = _ENTRIES.get(name)
+            raise ConfigError(f"{key}: a mapping or list field cannot be one parameter; "
+                              + (f"sweep its entries ({entries}) or " if entries else "")
+                              + "fix it under fixed")
         if name == "seed":
             raise ConfigError(f"{key}: seeds are not sampled; defaults.seeds trains every "
                               "configuration with seeds 42, 43, ...")
@@ -594,7 +553,8 @@ def _parse_condition(raw: Any, key: str) -> dict[str, list[Any]]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{key}.condition: must be a mapping like {{schedule: step}}, "
                           f"got {raw!r}")
-    return {str(k): (list(v) if isinstance(v, list) else [v]) for k, v in raw.items()}
+    return {knob_name(str(k), f"{key}.condition"): (list(v) if isinstance(v, list) else [v])
+            for k, v in raw.items()}
 
 
 def _dependency_order(params: dict[str, Parameter]) -> list[Parameter]:

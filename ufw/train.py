@@ -1,6 +1,6 @@
 """Training: K configurations of one shape trained at once as a population.
 
-`train(configs, corpus)` is the whole method of DESIGN.md section 1 as one function of its
+`train(configs, corpus)` is the whole method of docs/design.md as one function of its
 configurations (PureJaxRL's `make_train` idea): weighted multi-exit loss with per-member
 weights per epoch, AdamW with per-member, per-layer learning rates, per-member gradient
 clipping, routed evaluation, and early stopping per member. A member that stops is frozen
@@ -198,8 +198,11 @@ def clip_groups(model: EarlyExitLM) -> list[list[torch.Tensor]]:
 class PopulationAdamW:
     """AdamW (torch's defaults and update rule) whose learning rate is per member and layer.
 
-    Frozen members get learning rate 0 (and so no weight decay either): their parameters
-    stay exactly as they were.
+    Its arithmetic is torch.optim.AdamW's: the scalars that torch computes in double
+    precision on the host (1 - lr * weight_decay, lr / (1 - beta1^t), sqrt(1 - beta2^t))
+    are computed in float64 here too, and rounded to fp32 once, so that the updates equal
+    torch's (tested to 1e-7 over 100 steps). Frozen members get learning rate 0 and no
+    weight decay: their parameters stay exactly as they were.
     """
 
     def __init__(self, model: EarlyExitLM, configs: list[UniversalConfig],
@@ -207,15 +210,18 @@ class PopulationAdamW:
         device = next(model.parameters()).device
         self.params = [p for _, p in model.named_member_params()]
         self.clip_groups = clip_groups(model)
-        self.lrs = [torch.tensor([c.lr * (c.lr_scale(layer) if layer else 1.0) for c in configs],
-                                 device=device)
-                    for layer in (layer_of(n) for n, _ in model.named_member_params())]
-        self.weight_decay = torch.tensor([c.weight_decay for c in configs], device=device)
+        per_param_lrs = [[c.lr * (c.lr_scale(layer) if layer else 1.0) for c in configs]
+                         for layer in (layer_of(n) for n, _ in model.named_member_params())]
+        self.lrs = [torch.tensor(lrs, dtype=torch.float64, device=device) for lrs in per_param_lrs]
+        self.decays = [torch.tensor([1 - lr * c.weight_decay for lr, c in zip(lrs, configs)],
+                                    device=device) for lrs in per_param_lrs]
         self.grad_clip = torch.tensor([c.grad_clip for c in configs], device=device)
         self.betas, self.eps = betas, eps
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
-        self.steps = torch.zeros((), device=device)
+        # float64: beta2^t in fp32 starts from 0.999 rounded up, which makes 1 - beta2^t
+        # 1.3e-5 too small and every update ~1e-5 too small.
+        self.steps = torch.zeros((), dtype=torch.float64, device=device)
 
     def clip_(self) -> None:
         """Clip each member's gradient to its own global norm (0 disables clipping).
@@ -234,20 +240,23 @@ class PopulationAdamW:
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
+        """One AdamW step; `active` [K] is 1 for members that train, 0 for frozen ones."""
         # The step count lives on the device, so a step has no host sync and no Python
         # number that changes from step to step (which would defeat graph capture).
         self.steps += 1
         b1, b2 = self.betas
-        bias1, bias2 = 1 - b1 ** self.steps, (1 - b2 ** self.steps).sqrt()
-        for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs):
+        bias1 = 1 - b1 ** self.steps  # float64, as torch's host arithmetic
+        bias2_sqrt = (1 - b2 ** self.steps).sqrt().float()
+        running = active > 0
+        for p, m, v, lr, decay in zip(self.params, self.m, self.v, self.lrs, self.decays):
             if p.grad is None:  # a block above every weighted exit: untouched, as torch's
                 continue        # AdamW leaves a parameter without a gradient
             shape = (-1, *[1] * (p.dim() - 1))
-            lr = (lr * active).view(shape)
-            p.mul_(1 - lr * self.weight_decay.view(shape))
+            step_size = ((lr / bias1).float() * active).view(shape)
+            p.mul_(torch.where(running, decay, 1.0).view(shape))
             m.lerp_(p.grad, 1 - b1)
             v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.sub_(lr / bias1 * m / (v.sqrt() / bias2 + self.eps))
+            p.sub_(step_size * m / (v.sqrt() / bias2_sqrt + self.eps))
             p.grad = None
 
     def state_dict(self) -> dict:
@@ -261,19 +270,23 @@ class PopulationAdamW:
 
 @dataclass
 class MemberRecord:
-    """Early-stopping bookkeeping and best-epoch metrics of one member."""
+    """Early-stopping bookkeeping and best-epoch metrics of one member.
+
+    Epochs here are numbered as users see them, from 1 (as the framework reports its best
+    epoch); best_epoch 0 means no finite epoch yet.
+    """
 
     status: str = "running"  # running, completed, failed
     error: str = ""
     best_ppl: float = math.inf
-    best_epoch: int = -1
+    best_epoch: int = 0
     bad_epochs: int = 0
     epochs_run: int = 0
     train_seconds: float = 0.0
     best: dict[str, Any] = field(default_factory=dict)
 
     def observe(self, epoch: int, ppl: float, patience: int) -> bool:
-        """Early stopping: True if this epoch is the new best.
+        """Early stopping: True if this epoch (numbered from 1) is the new best.
 
         The member stops when PPL has failed to improve for more than `patience` epochs
         (patience 0: at the first epoch that is not better), or fails on a non-finite PPL.
@@ -321,6 +334,8 @@ class Population:
         self._active = torch.ones(len(configs), device=self.device)
         self._total = torch.zeros(len(configs), device=self.device)
         self.members = [MemberRecord() for _ in configs]
+        # Epochs trained so far, which is also the next epoch's index counted from 0: the
+        # alpha schedule's argument, as in the framework. Rows and results number it from 1.
         self.epoch = 0
         self.max_epochs = configs[0].max_epochs
 
@@ -390,13 +405,14 @@ class Population:
         stats = {k: v.cpu().tolist() for k, v in stats.items()}
         seconds = time.perf_counter() - start
         rows = []
+        number = self.epoch + 1  # what users see: epochs counted from 1
         for k, (config, member) in enumerate(zip(self.configs, self.members)):
             if member.status != "running":
                 continue
             ppl = stats["ppl"][k]
             member.epochs_run += 1
             member.train_seconds += seconds
-            rows.append({"member": k, "epoch": self.epoch, "train_loss": train_loss[k],
+            rows.append({"member": k, "epoch": number, "train_loss": train_loss[k],
                          "val_ppl": ppl, "acc": stats["acc"][k],
                          "shallow_ratio": stats["shallow_ratio"][k],
                          "compute_cost": stats["compute_cost"][k],
@@ -404,7 +420,7 @@ class Population:
                          "epoch_seconds": seconds})
             if not math.isfinite(train_loss[k]):
                 ppl = math.nan
-            if member.observe(self.epoch, ppl, config.patience):
+            if member.observe(number, ppl, config.patience):
                 member.best = _best_metrics(stats, k)
         self.epoch += 1
         if self.epoch >= self.max_epochs:
@@ -423,7 +439,7 @@ class Population:
                        error=member.error, ufw_version=ufw.__version__,
                        torch_version=torch.__version__, device=device_name(self.device),
                        dataset=self.corpus.name)
-            if member.best_epoch >= 0:
+            if member.best_epoch >= 1:
                 row.update(best_ppl=member.best_ppl, best_epoch=member.best_epoch)
             rows.append(row)
         return rows
@@ -527,7 +543,22 @@ def train(configs: list[UniversalConfig], corpus: Corpus, device: str = "cpu",
 
 
 class UniversalTrainer:
-    """The seed framework's single-model API, on ufw's loss and evaluation."""
+    """The framework's single-model API, on ufw's loss and evaluation.
+
+    Same methods, arguments and return shapes as the framework's `UniversalTrainer`, so a
+    script written for it runs on ufw by changing its imports:
+
+        trainer = UniversalTrainer(config, vocab_size, device)
+        model = trainer.create_model()                  # ufw's addition: the seed model
+        optimizer = trainer.create_optimizer(model, base_lr=1e-3)
+        for epoch in range(max_epochs):                 # epochs counted from 0, as there
+            loss, weights = trainer.train_epoch(model, train_batches, optimizer, 1.0,
+                                                epoch=epoch, max_epochs=max_epochs)
+            stats = trainer.evaluate(model, val_batches)  # ppl, acc, shallow_ratio, compute_cost
+
+    One deliberate difference: `grad_clip=0` means no clipping (torch's clip_grad_norm_ with
+    max_norm 0, which the framework calls unconditionally, would zero every gradient).
+    """
 
     def __init__(self, config: UniversalConfig, vocab_size: int, device: str = "cpu"):
         self.config = config.validate()
@@ -535,43 +566,78 @@ class UniversalTrainer:
         self.device = torch.device(device)
         teacher = load_teacher(config.teacher, self.device, vocab_size)
         self.objective = Objective([config], self.device, teacher)
+        # The alpha schedule's position, as the framework keeps it (set by train_epoch).
+        self.current_epoch = 0
+        self.max_epochs = 1
+
+    def set_training_state(self, epoch: int, max_epochs: int) -> None:
+        """Where training is (epoch counted from 0), for the alpha schedule."""
+        self.current_epoch, self.max_epochs = epoch, max_epochs
+
+    def get_current_weights(self) -> dict[int, float]:
+        """Loss weight of every layer at the current training state."""
+        return self.config.get_layer_weights(self.current_epoch, self.max_epochs)
 
     def create_model(self) -> EarlyExitLM:
+        """The configuration's model (K = 1), initialised from `config.seed`."""
         shape = ModelShape.of(self.config, self.vocab_size)
         return EarlyExitLM(shape, [self.config.seed]).to(self.device)
 
-    def create_optimizer(self, model: EarlyExitLM, base_lr: float | None = None):
-        """AdamW with one group per block at base_lr * scale; embedding and head at base_lr."""
+    def create_optimizer(self, model: EarlyExitLM,
+                         base_lr: float | None = None) -> torch.optim.AdamW:
+        """AdamW with a group per block (`layer_i`, base_lr * its scale), then `other`
+        (embedding, head) at base_lr. base_lr None means `config.lr`."""
         base_lr = self.config.lr if base_lr is None else base_lr
         groups: dict[int | None, list] = {}
         for name, p in model.named_member_params():
             groups.setdefault(layer_of(name), []).append(p)
+        blocks_first = sorted(groups, key=lambda layer: math.inf if layer is None else layer)
         return torch.optim.AdamW(
-            [{"params": ps, "name": f"layer_{layer}" if layer else "embedding_head",
+            [{"params": groups[layer], "name": f"layer_{layer}" if layer else "other",
               "lr": base_lr * (self.config.lr_scale(layer) if layer else 1.0)}
-             for layer, ps in groups.items()],
+             for layer in blocks_first],
             lr=base_lr, weight_decay=self.config.weight_decay)
 
     def compute_loss(self, model: EarlyExitLM, x: torch.Tensor, y: torch.Tensor,
-                     epoch: int = 0) -> torch.Tensor:
-        weights = self.objective.layer_weights(epoch)
-        return self.objective.loss(model, x, y, weights, active_layers(weights)).sum()
+                     weights: dict[int, float] | None = None) -> torch.Tensor:
+        """sum_i w_i * L_i (plus the extensions' terms) as a scalar.
 
-    def train_epoch(self, model: EarlyExitLM, optimizer, train_batches, epoch: int = 0) -> float:
+        `weights` ({layer: weight}) overrides the current training state's; layers without
+        a positive weight cost nothing, and if none has one the final layer trains alone.
+        """
+        weights = self.get_current_weights() if weights is None else weights
+        layers = range(1, self.config.num_layers + 1)
+        row = torch.tensor([[float(weights.get(i, 0.0)) for i in layers]], device=self.device)
+        if not (row > 0).any():
+            row[0, -1] = 1.0
+        return self.objective.loss(model, x, y, row, active_layers(row)).sum()
+
+    def train_epoch(self, model: EarlyExitLM, train_batches, optimizer: torch.optim.Optimizer,
+                    grad_clip: float = 1.0, epoch: int = 0,
+                    max_epochs: int = 1) -> tuple[float, dict[int, float]]:
+        """One pass over `train_batches`; returns (mean loss, the layer weights used).
+
+        `epoch` counts from 0 and with `max_epochs` places the alpha schedule; `grad_clip`
+        is the gradient norm's limit, 0 for none.
+        """
         model.train()
+        self.set_training_state(epoch, max_epochs)
+        weights = self.get_current_weights()
         total, count = 0.0, 0
         for x, y in train_batches:
-            loss = self.compute_loss(model, x.to(self.device), y.to(self.device), epoch)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
+            loss = self.compute_loss(model, x.to(self.device), y.to(self.device), weights)
             loss.backward()
-            if self.config.grad_clip > 0:
+            if grad_clip > 0:
                 for group in clip_groups(model):
-                    torch.nn.utils.clip_grad_norm_(group, self.config.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(group, grad_clip)
             optimizer.step()
             total, count = total + loss.item(), count + 1
-        return total / max(1, count)
+        return total / max(1, count), weights
 
+    @torch.no_grad()
     def evaluate(self, model: EarlyExitLM, val_batches) -> dict[str, float]:
+        """Routed validation metrics: ppl, acc, shallow_ratio, compute_cost."""
         model.eval()
         batches = [(x.to(self.device), y.to(self.device)) for x, y in val_batches]
         stats = self.objective.evaluate(model, batches)
@@ -579,22 +645,45 @@ class UniversalTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ufw import cli
+    from ufw import cli, rerun
 
-    parser = cli.parser("python -m ufw.train", "Train one configuration; print its JSON row.")
+    parser = cli.parser("python -m ufw.train", "Train one configuration; print its JSON row "
+                                               "(every column: docs/design.md).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="a named preset: " + ", ".join(cli.preset_names()))
-    source.add_argument("--config", help="a YAML file of UniversalConfig fields")
-    parser.add_argument("--seed", type=int, help="random seed (initialisation)")
+    source.add_argument("--config", help="a YAML file of config keys (docs/knobs.md)")
+    source.add_argument("--from", dest="results", metavar="RESULTS",
+                        help="re-train a row of a sweep (RESULTS: results/<sweep>), with "
+                             "--config-id: its configuration on the sweep's data")
+    parser.add_argument("--config-id", help="with --from: the row's config_id (or a prefix)")
+    parser.add_argument("--seed", type=int, help="random seed (initialisation); with --from: "
+                                                 "which seed of the row (default: its first)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
+    if (args.results is None) != (args.config_id is None):
+        parser.error("--from and --config-id go together")
     with cli.user_errors():
-        config = cli.config_from_args(args)
-        corpus = cli.corpus_from_args(args, config)
         device = cli.check_device(args.device)
+        data, preset, again = None, args.preset, None
+        if args.results is not None:
+            again = rerun.rerun_of(args.results, args.config_id, args.seed)
+            config = again.config.with_overrides(cli.parse_sets(args.set))
+            data, preset = again.data, again.preset
+            if data is None and all(getattr(args, k) is None for k in cli.DATA_KEYS):
+                raise ConfigError(f"--from {args.results}: no sweep.json records its data; "
+                                  f"give the data flags (the row says {again.row['dataset']})")
+            for note in again.notes:
+                print(f"note: {note}", file=sys.stderr)
+        else:
+            config = cli.config_from_args(args)
+        corpus = cli.corpus_from_args(args, config, data)
         # Still a user error while training starts: a teacher of another vocabulary.
         row = train([config], corpus, device)[0]
-    row["preset"] = args.preset
+    row["preset"] = preset
+    if again is not None and again.row.get("best_ppl") and again.config.seed == again.row["seed"]:
+        before = again.row["best_ppl"]
+        print(f"note: best_ppl {row['best_ppl']:.6f}, the row's {before:.6f} (relative "
+              f"difference {abs(row['best_ppl'] - before) / before:.1e})", file=sys.stderr)
     # Strict JSON: NaN (no best epoch, no alpha schedule) becomes null.
     row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
     print(json.dumps(row))

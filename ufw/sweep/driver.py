@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ufw import cli
 from ufw.config import ConfigError
+from ufw.rerun import rerun_command
 from ufw.results import ResultsWriter, join, read_epochs, read_trials
 from ufw.space import Objective, parameter_column
 from ufw.study import journal_storage
@@ -167,6 +168,10 @@ def summary(plan: Plan, top: int = 10) -> str:
             with pd.option_context("display.width", 160, "display.max_columns", 30,
                                    "display.float_format", "{:.4g}".format):
                 lines.append(table.to_string(index=False))
+            best = table["config_id"].iloc[0]
+            on_gpu = (ok.loc[ok["config_id"] == best, "device"] != "cpu").any()
+            lines.append("Re-train the best configuration: "
+                         + rerun_command(plan.sweep_uri, best, device="cuda" if on_gpu else None))
         counts = frame["status"].value_counts().to_dict()
         lines.append("Rows: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     lines.append(f"Parquet: {join(plan.sweep_uri, 'trials')} ({len(frame)} rows), "

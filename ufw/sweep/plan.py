@@ -18,12 +18,12 @@ import ufw
 from ufw import cli
 from ufw.config import ConfigError
 from ufw.data import load_corpus
-from ufw.results import join
+from ufw.results import SWEEP_RECORD, join, read_sweep_record
 from ufw.space import (
     SearchSpace,
     as_number,
-    check_key,
     is_numeric_key,
+    knob_name,
     load_space,
     space_from_dict,
 )
@@ -84,7 +84,8 @@ class Plan:
 def build_parser() -> cli.ArgumentParser:
     p = cli.parser("python -m ufw.sweep",
                    "Sweep early-exit training hyperparameters with Ray Tune + Optuna; "
-                   "results go to Parquet (see docs/sweep.md).")
+                   "results go to Parquet (see docs/sweep.md; every column: "
+                   "docs/design.md).")
     p.add_argument("space", metavar="SPACE", help="search space YAML (search_spaces/*.yaml)")
     p.add_argument("--num-samples", type=int, help="configurations to sample")
     p.add_argument("--cohort", type=_cohort,
@@ -116,7 +117,6 @@ def build_parser() -> cli.ArgumentParser:
                    help="checkpoint a trial, and report its progress to Ray, at most this "
                         "often (0: every epoch); a large population's checkpoint is hundreds "
                         "of MB, so on a GPU use e.g. 60")
-    p.set_defaults(data=None)  # a space's data section applies unless --data is given
     return p
 
 
@@ -203,15 +203,11 @@ def make_plan(args) -> Plan:
     resources = parse_resources(args.resources_per_trial)
     overrides = {}
     for key, value in cli.parse_sets(args.set).items():
-        check_key(key, "--set")
+        key = knob_name(key, "--set")
         overrides[key] = as_number(value) if is_numeric_key(key) else value
     first = space.validate_configs(overrides)
-    data = dict(space.data)
-    for key in ("data", "train_file", "val_file", "train_chars", "val_chars"):
-        if getattr(args, key) is not None:
-            data[key] = getattr(args, key)
-    data.setdefault("data", "python-docs")
-    data = absolute_data_paths(data)  # Ray Tune runs trials in their own directories
+    # Absolute paths: Ray Tune runs trials in their own directories.
+    data = absolute_data_paths(cli.data_flags(args, space.data))
     corpus = load_corpus(**data, batch_size=first.batch_size, seq_len=first.seq_len)
     defaults = space.defaults
     grid = space.sampler["type"] == "grid"
@@ -284,6 +280,7 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
     return {"name": plan.name, "space_path": plan.space_path, "space": plan.space.to_dict(),
             "num_samples": plan.num_samples, "cohort": plan.cohort, "seeds": plan.seeds,
             "overrides": plan.overrides, "data": plan.data, "dataset": plan.dataset,
+            "precision": plan.precision, "compile": plan.compile,
             "source_sweep": plan.source_sweep,
             "ufw_version": ufw.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -293,20 +290,16 @@ def _save_plan(plan: Plan) -> None:
 
     fs, base = filesystem(plan.sweep_uri)
     fs.create_dir(base, recursive=True)
-    with fs.open_output_stream(join(base, "sweep.json")) as f:
+    with fs.open_output_stream(join(base, SWEEP_RECORD)) as f:
         f.write(json.dumps(_plan_record(plan), indent=2, default=str).encode())
 
 
 def _load_plan(plan: Plan) -> dict[str, Any]:
-    from ufw.results import filesystem
-
-    fs, base = filesystem(plan.sweep_uri)
-    try:
-        with fs.open_input_stream(join(base, "sweep.json")) as f:
-            return json.loads(f.readall().decode())
-    except (OSError, ValueError):
-        raise ConfigError(f"--resume: {join(plan.sweep_uri, 'sweep.json')} is missing or "
-                          "unreadable") from None
+    record = read_sweep_record(plan.sweep_uri)
+    if record is None:
+        raise ConfigError(f"--resume: {join(plan.sweep_uri, SWEEP_RECORD)} is missing or "
+                          "unreadable")
+    return record
 
 
 def _trial_resources(plan: Plan) -> dict[str, tuple[str, float]]:
