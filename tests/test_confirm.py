@@ -79,10 +79,10 @@ def test_generated_space_rebuilds_the_top_configurations(tmp_path):
 def test_point_of_inverts_sampling():
     space = space_from_dict(parse_space(SPACE).to_dict())
     point = {"routing_threshold": 0.7, "schedule": "linear", "alpha_start": 0.5,
-             "layer_lr_scales.2": 0.3}
+             "lr_scale_2": 0.3}  # names as the space stores them (canonical knobs)
     config, _ = build_config(space.fixed, point, {})
     assert space.point_of(config.flat()) == point
-    no_alpha = {"routing_threshold": 0.7, "schedule": "none", "layer_lr_scales.2": 0.3}
+    no_alpha = {"routing_threshold": 0.7, "schedule": "none", "lr_scale_2": 0.3}
     assert space.point_of(build_config(space.fixed, no_alpha, {})[0].flat()) == no_alpha
 
 
