@@ -26,6 +26,7 @@ from ufw.config import UniversalConfig
 from ufw.data import make_corpus
 from ufw.results import ResultsWriter, read_epochs, read_trials
 from ufw.space import parse_space
+from ufw.study import load_study
 from ufw.train import Population
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,6 +255,10 @@ def test_resume_after_the_driver_is_killed(ray_local, tiny_space, tmp_path):
     assert (epochs["epoch_seconds"] > 0).all()
     assert set(epochs["trial_id"]) == set(frame["trial_id"])
     assert not list((results / name / "trials").glob(".part-*"))  # no temporary files
+    # the Optuna study is kept beside the Parquet and the resumed driver continued it
+    study = load_study(str(results / name / "study.journal"))
+    assert study.study_name == name
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == num_samples
 
 
 # ---------------------------------------------------------------------- pieces, no Ray run
@@ -310,6 +315,33 @@ def test_cohort_searcher_is_picklable_and_restores_its_study(tmp_path):
     assert restored.suggest("d") == "FINISHED"
     restored.on_trial_complete("b", error=True)
     assert [t.state.name for t in restored.study.trials][2:4] == ["FAIL", "FAIL"]
+
+
+def test_cohort_searcher_keeps_its_study_in_a_journal_file(tmp_path):
+    """A study in a file: a restored searcher continues it, and closes as failed the trials a
+    killed driver asked after its last checkpoint (nobody will report them)."""
+    import json
+
+    from ufw.study import journal_storage
+
+    space = parse_space({"fixed": {"dim": 16, "num_heads": 2},
+                         "parameters": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2}},
+                         "sampler": {"type": "random", "seed": 3}})
+    path = str(tmp_path / "s" / "study.journal")
+    searcher = sweep.CohortSearcher(space, 6, 2, journal_storage(path), "s")
+    suggest_when_ready(searcher, "a")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the last checkpoint: a pending, 1 ahead
+    suggest_when_ready(searcher, "b")  # after it: b handed out, c asked ahead
+    searcher.on_trial_complete("a", {"objective_values": json.dumps([[3.0], [4.0]])})
+    searcher._wait_for_ask(None)
+    assert len(load_study(path).trials) == 6
+
+    restored = sweep.CohortSearcher(space, 6, 2, journal_storage(path), "s")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    states = [t.state.name for t in load_study(path).trials]
+    assert states == ["COMPLETE", "COMPLETE", "RUNNING", "RUNNING", "FAIL", "FAIL"]
+    restored.on_trial_complete("a", {"objective_values": json.dumps([[3.5], [4.5]])})
+    assert load_study(path).best_value == 3.0  # told once; the re-run's tell is refused
 
 
 class SlowSpace:

@@ -41,7 +41,8 @@ _PY_TO_ARROW = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.
 
 # Columns beyond the configuration fields, with their types.
 RESULT_TYPES: dict[str, pa.DataType] = {
-    "sweep": pa.string(), "trial_id": pa.string(), "member": pa.int64(), "seed": pa.int64(),
+    "sweep": pa.string(), "source_sweep": pa.string(), "trial_id": pa.string(),
+    "member": pa.int64(), "seed": pa.int64(),
     "preset": pa.string(), "config_id": pa.string(), "cohort_size": pa.int64(),
     "schedule": pa.string(), "alpha_start": pa.float64(), "alpha_end": pa.float64(),
     "alpha_steps": pa.string(), "exit_layers": pa.string(), "exit_thresholds": pa.string(),

@@ -14,11 +14,12 @@ from ufw import cli
 from ufw.config import ConfigError
 from ufw.rerun import rerun_command
 from ufw.results import ResultsWriter, join, read_epochs, read_trials
-from ufw.space import Objective
+from ufw.space import Objective, parameter_column
+from ufw.study import journal_storage
 from ufw.sweep import callback, searchers
 from ufw.sweep.callback import error_line
 from ufw.sweep.lock import SweepLock
-from ufw.sweep.members import SPEC, column_of, expand_members, failed_rows, trial_points
+from ufw.sweep.members import SPEC, expand_members, failed_rows, trial_points
 from ufw.sweep.plan import (
     Plan,
     _check_resources,
@@ -68,7 +69,6 @@ def make_tuner(plan: Plan):
     import optuna
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig
-    from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = plan.space
@@ -78,11 +78,14 @@ def make_tuner(plan: Plan):
     mode = [o.mode for o in objectives]
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
-    if plan.cohort == 1:
-        search = OptunaSearch(space=DefineByRun(space), metric=metric, mode=mode,
-                              sampler=space.make_sampler())
-    else:
-        search = searchers.CohortSearcher(space, plan.num_samples, plan.cohort)
+    storage = journal_storage(plan.study_file)  # kept beside the Parquet: ufw/study.py
+    if plan.cohort == 1 and not space.points:
+        search = searchers.StudySearch(space=DefineByRun(space), metric=metric, mode=mode,
+                                       sampler=space.make_sampler(), storage=storage,
+                                       study_name=plan.name)
+    else:  # explicit points are handed out by the cohort searcher (see SearchSpace.points)
+        search = searchers.CohortSearcher(space, plan.num_samples, plan.cohort, storage,
+                                          plan.name)
     # max_concurrent_trials also sets how many trials Ray keeps pending (not just 1).
     concurrency = _concurrency(plan)
     sweep_callback = callback.SweepCallback(spec, plan.root, plan.num_trials)
@@ -156,7 +159,7 @@ def summary(plan: Plan, top: int = 10) -> str:
     objectives = plan.space.objectives
     if len(frame):
         ok = frame[frame["status"] != "failed"]
-        params = [c for c in (column_of(p.name) for p in plan.space.parameters)
+        params = [c for c in (parameter_column(p.name) for p in plan.space.parameters)
                   if c and c in frame]
         metrics = [o.metric for o in objectives]
         extra = [m for m in ("best_ppl", "compute_cost", "acc") if m not in metrics]
@@ -241,6 +244,7 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
               f"cohort {plan.cohort} -> {plan.num_trials} trials; results in {plan.sweep_uri}",
               flush=True)
         tuner = make_tuner(plan)
+    print(f"[{plan.name}] Optuna study: optuna-dashboard {plan.study_file}", flush=True)
     grid = tuner.fit()
     complete = finalize(plan, grid, lock)
     print(summary(plan), flush=True)

@@ -28,6 +28,7 @@ from ufw.space import (
     load_space,
     space_from_dict,
 )
+from ufw.study import study_file
 from ufw.train import PRECISIONS, members_that_fit
 
 
@@ -52,6 +53,7 @@ class Plan:
     precision: str = "fp32"
     compile: bool = False
     checkpoint_seconds: float = 0.0
+    source_sweep: str | None = None  # the sweep whose configurations this one re-trains
 
     @property
     def sweep_uri(self) -> str:
@@ -60,6 +62,11 @@ class Plan:
     @property
     def experiment_path(self) -> str:
         return join(self.sweep_uri, "ray")
+
+    @property
+    def study_file(self) -> str:
+        """The sweep's Optuna study (a journal file, ufw/study.py)."""
+        return study_file(self.root, self.name)
 
     @property
     def num_trials(self) -> int:
@@ -71,7 +78,8 @@ class Plan:
                 "seeds": self.seeds, "data": self.data, "dataset": self.dataset,
                 "objectives": [[o.metric, o.direction] for o in self.space.objectives],
                 "cpus_per_trial": self.cpus_per_trial, "precision": self.precision,
-                "compile": self.compile, "checkpoint_seconds": self.checkpoint_seconds}
+                "compile": self.compile, "checkpoint_seconds": self.checkpoint_seconds,
+                "source_sweep": self.source_sweep}
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -240,6 +248,7 @@ def make_plan(args) -> Plan:
         saved = _load_plan(plan)  # the sweep as it was started, whatever the flags say now
         for key in ("num_samples", "cohort", "seeds", "overrides", "data", "dataset"):
             setattr(plan, key, saved[key])
+        plan.source_sweep = saved.get("source_sweep")
         plan.space = space_from_dict(saved["space"])
     else:
         plan.name = plan.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -280,6 +289,7 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
             "num_samples": plan.num_samples, "cohort": plan.cohort, "seeds": plan.seeds,
             "overrides": plan.overrides, "data": plan.data, "dataset": plan.dataset,
             "precision": plan.precision, "compile": plan.compile,
+            "source_sweep": plan.source_sweep,
             "ufw_version": ufw.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

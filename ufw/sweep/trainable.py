@@ -27,6 +27,7 @@ from ufw.sweep.members import (
     failed_rows,
     point_objectives,
     summary_metrics,
+    sweep_columns,
     trial_points,
 )
 
@@ -82,7 +83,7 @@ def _train_members(config: dict[str, Any]) -> None:
     members = expand_members(spec, trial_points(config))
     device, gpu = _device()
     context = ray.get_runtime_context()
-    extra = {"sweep": spec["sweep"], "trial_id": tune.get_context().get_trial_id(),
+    extra = {**sweep_columns(spec), "trial_id": tune.get_context().get_trial_id(),
              "node": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "gpu": gpu,
              "resumed_from_epoch": 0,  # > 0: restarted from a checkpoint of that many epochs
              # where a trial's wall time goes (bench/sweep_throughput.py sums it up)
