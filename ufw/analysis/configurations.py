@@ -159,21 +159,28 @@ def _same(a: object, b: object) -> bool:
     return str(a) == str(b)
 
 
-_DEFAULT = UniversalConfig().flat()
+def _preset_columns() -> list[str]:
+    """The columns in which presets differ (from each other or from the defaults): what a
+    preset sets. Scale settings (dim, epochs, lr, ...) are the sweep's, not the preset's."""
+    flats = [UniversalConfig().flat(), *(p.flat() for p in PRESETS.values())]
+    return [c for c in flats[0] if c != "config_id"
+            and any(not _same(f.get(c), flats[0][c]) for f in flats[1:])]
+
+
+_PRESET_COLUMNS = _preset_columns()
 
 
 def equals_preset(row: pd.Series, params: Sequence[str]) -> bool:
     """Whether a configuration is its ``preset`` exactly: every value the sweep varied and every
-    value the preset sets (where it differs from the defaults) is the preset's. A name that is
-    not one of ufw's presets (a hand-made table) is taken at its word."""
+    value a preset sets (layer weights, LR scales, thresholds, ...) is the preset's. A name
+    that is not one of ufw's presets (a hand-made table) is taken at its word."""
     name = row.get("preset")
     if not isinstance(name, str):
         return False
     if name not in PRESETS:
         return True
     own = PRESETS[name].flat()
-    defining = [c for c, v in own.items() if c != "config_id" and not _same(v, _DEFAULT.get(c))]
-    return all(_same(row[c], own[c]) for c in dict.fromkeys([*params, *defining])
+    return all(_same(row[c], own[c]) for c in dict.fromkeys([*params, *_PRESET_COLUMNS])
                if c in row.index and c in own)
 
 
