@@ -15,6 +15,7 @@ import yaml
 from ufw.config import PRESETS, ConfigError, UniversalConfig, preset
 from ufw.data import Corpus, load_corpus
 from ufw.space import DATA_KEYS
+from ufw.train import PRECISIONS
 
 USER_ERROR = 2
 
@@ -37,6 +38,15 @@ def parser(prog: str, description: str) -> ArgumentParser:
                         "--set max_epochs=2 "
                         "--set layer_weight_1=0.5; repeatable")
     return p
+
+
+def speed_flags(p: argparse.ArgumentParser) -> None:
+    """--precision and --compile, the same for one run (ufw.train) and for a sweep."""
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (exact, default); tf32 or bf16 trade exactness for GPU speed")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training loss (fuses element-wise work; each "
+                        "process compiles once, in its first population)")
 
 
 def preset_names() -> list[str]:

@@ -29,7 +29,7 @@ import ufw
 from ufw.config import ConfigError, UniversalConfig
 from ufw.data import Corpus
 from ufw.model import EarlyExitLM, ModelShape, is_confidence_head, layer_of
-from ufw.results import EMPTY_METRICS
+from ufw.results import EMPTY_METRICS, json_row
 from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -530,9 +530,10 @@ def members_that_fit(config: UniversalConfig, corpus: Corpus, device: str = "cud
 
 def train(configs: list[UniversalConfig], corpus: Corpus, device: str = "cpu",
           on_epoch: Callable[[Population, list[dict]], None] | None = None,
-          state: dict | None = None) -> list[dict[str, Any]]:
+          state: dict | None = None, precision: str = "fp32",
+          compile: bool = False) -> list[dict[str, Any]]:
     """Train a population to the end; `on_epoch` sees each epoch's rows (report, checkpoint)."""
-    population = Population(configs, corpus, device)
+    population = Population(configs, corpus, device, compile=compile, precision=precision)
     if state is not None:
         population.load_state_dict(state)
     while not population.finished:
@@ -659,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="random seed (initialisation); with --from: "
                                                  "which seed of the row (default: its first)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    cli.speed_flags(parser)
     args = parser.parse_args(argv)
     if (args.results is None) != (args.config_id is None):
         parser.error("--from and --config-id go together")
@@ -678,16 +680,26 @@ def main(argv: list[str] | None = None) -> int:
             config = cli.config_from_args(args)
         corpus = cli.corpus_from_args(args, config, data)
         # Still a user error while training starts: a teacher of another vocabulary.
-        row = train([config], corpus, device)[0]
+        row = train([config], corpus, device, on_epoch=print_progress,
+                    precision=args.precision, compile=args.compile)[0]
     row["preset"] = preset
     if again is not None and again.row.get("best_ppl") and again.config.seed == again.row["seed"]:
         before = again.row["best_ppl"]
         print(f"note: best_ppl {row['best_ppl']:.6f}, the row's {before:.6f} (relative "
               f"difference {abs(row['best_ppl'] - before) / before:.1e})", file=sys.stderr)
-    # Strict JSON: NaN (no best epoch, no alpha schedule) becomes null.
-    row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-    print(json.dumps(row))
+    print(json.dumps(json_row(row), allow_nan=False))
     return 0
+
+
+def print_progress(population: Population, rows: list[dict[str, Any]]) -> None:
+    """One line per epoch on stderr (stdout is the JSON row): a long run shows it is alive."""
+    for row in rows:
+        left = population.max_epochs - row["epoch"]
+        member = f" member {row['member']}" if len(population.configs) > 1 else ""
+        print(f"epoch {row['epoch']}/{population.max_epochs}{member}: train loss "
+              f"{row['train_loss']:.4f}, val PPL {row['val_ppl']:.3f}, "
+              f"{row['epoch_seconds']:.1f} s/epoch, ETA {left * row['epoch_seconds']:.0f} s",
+              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
