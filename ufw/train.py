@@ -326,7 +326,11 @@ class Population:
         # On a GPU a seed-scale epoch is thousands of tiny kernel launches: capture the whole
         # epoch once as a CUDA graph and replay it (one launch per epoch). The graph reads
         # its per-epoch inputs from these fixed buffers.
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # The sparse MoE's shapes follow the routing, which a graph cannot: it runs eager.
+        if cuda_graphs is None:
+            tokens = configs[0].batch_size * configs[0].seq_len
+            cuda_graphs = self.device.type == "cuda" and not self.model.uses_sparse_moe(tokens)
+        self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         # Compiling fuses the loss's element-wise work (norms, rotary, GLU, cross-entropy).
         self._loss = torch.compile(self.objective.loss) if compile else self.objective.loss
