@@ -338,3 +338,28 @@ def test_threshold_curve_equals_routing_at_each_threshold():
         one = routed_metrics(assign_exits(confs, torch.full((K, E), t)), ce, right, [1, 2], 3)
         for key in ("ppl", "compute_cost", "shallow_ratio"):
             torch.testing.assert_close(curve[key][:, g], one[key], msg=f"{key} at {t}")
+
+
+def test_single_run_equals_its_population_member_at_a_larger_size():
+    """dim 128, 4 layers, fp32: member k of a population trains exactly as K = 1 of config k
+    (batched products over members must not change any member's arithmetic beyond rounding)."""
+    text = python_docs_text()
+    corpus = make_corpus("docs", text[:20000], text[-4000:], batch_size=4, seq_len=32)
+    big = {"dim": 128, "num_layers": 4, "num_heads": 4, "batch_size": 4, "seq_len": 32,
+           "layer_weights": {1: 0.5, 2: 0.2, 4: 0.3}, "exit_layer": 2}
+    configs = [preset("asymmetric_best").with_overrides({**big, "seed": s, "lr": lr})
+               for s, lr in ((1, 1e-3), (2, 3e-3), (3, 5e-4))]
+    together = Population(configs, corpus)
+    alone = [Population([c], corpus) for c in configs]
+    layers = (1, 2, 4)
+    for x, y in list(zip(corpus.train_x, corpus.train_y))[:4]:
+        losses = together.train_step(x, y, layers)
+        for k, single in enumerate(alone):
+            assert single.train_step(x, y, layers)[0].item() == \
+                pytest.approx(losses[k].item(), rel=1e-5)
+    for k, single in enumerate(alone):
+        mine, theirs = together.model.member_state(k), single.model.member_state(0)
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(together.model.member_state(0)["head"],
+                           together.model.member_state(1)["head"])  # members really differ

@@ -308,7 +308,7 @@ class Population:
 
     def __init__(self, configs: list[UniversalConfig], corpus: Corpus,
                  device: str | torch.device = "cpu", cuda_graphs: bool | None = None,
-                 compile: bool = False, precision: str = "fp32"):
+                 compile: bool = False, precision: str = "fp32", moe_dispatch: str = "auto"):
         if not configs:
             raise ConfigError("population: needs at least one configuration")
         shapes = {c.shape_key for c in configs}
@@ -319,7 +319,8 @@ class Population:
         self.device = torch.device(device)
         self.corpus = corpus.to(self.device)
         self.shape = ModelShape.of(configs[0], corpus.vocab_size)
-        self.model = EarlyExitLM(self.shape, [c.seed for c in configs]).to(self.device)
+        self.model = EarlyExitLM(self.shape, [c.seed for c in configs],
+                                 moe_dispatch).to(self.device)
         teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab)
         self.objective = Objective(self.configs, self.device, teacher, precision)
         self.optimizer = PopulationAdamW(self.model, self.configs)
