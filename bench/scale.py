@@ -34,9 +34,9 @@ from naive import NaiveTrainer
 from throughput import timed
 
 from ufw.cli import ArgumentParser, check_device, user_errors
-from ufw.config import ConfigError, UniversalConfig, preset
+from ufw.config import PRECISIONS, ConfigError, UniversalConfig, preset
 from ufw.data import Corpus, make_corpus, python_docs_text
-from ufw.train import PRECISIONS, Population
+from ufw.train import Population
 
 SIZES = {64: (64, 3, 4, 64), 256: (256, 6, 8, 128), 512: (512, 8, 8, 256),
          768: (768, 12, 12, 256)}

@@ -12,10 +12,9 @@ from typing import Any
 import torch
 import yaml
 
-from ufw.config import PRESETS, ConfigError, UniversalConfig, preset
+from ufw.config import PRECISIONS, PRESETS, ConfigError, UniversalConfig, preset
 from ufw.data import Corpus, load_corpus
 from ufw.space import DATA_KEYS
-from ufw.train import PRECISIONS
 
 USER_ERROR = 2
 

@@ -26,13 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import ufw
-from ufw.config import ConfigError, UniversalConfig
+from ufw.config import PRECISIONS, ConfigError, UniversalConfig
 from ufw.data import Corpus
 from ufw.model import EarlyExitLM, ModelShape, is_confidence_head, layer_of
 from ufw.results import EMPTY_METRICS, json_row
 from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
-
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class Objective:
