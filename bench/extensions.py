@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="result file name in bench/results (default "
                                       "extensions.json, extensions_quick.json with --quick)")
     args = parser.parse_args(argv)
-    if not (args.train_file or args.val_file) and args.data == "python-docs":
+    if not (args.train_file or args.val_file) and args.data in (None, "python-docs"):
         # the reference benchmark (docs/design.md, section Data)
         args.train_file, args.val_file = str(SHARED / "test.txt"), str(SHARED / "valid.txt")
         args.train_chars, args.val_chars = args.train_chars or 100_000, args.val_chars or 10_000
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                               "base": base.to_dict(),
                               "variants": {v: VARIANTS[v][1] for v in variants}}
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_path = Path(tmp) / "teacher.pt"
+        teacher_path = Path(tmp) / "teacher.safetensors"
         if "teacher_distill" in variants:
             record["teacher"] = train_teacher(base, corpus, device, teacher_path)
             print(f"teacher (standard_llm, seed 0): {record['teacher']}", flush=True)

@@ -24,10 +24,14 @@ from ufw.analysis import (
     best_configurations,
     comparison_table,
     config_means,
+    describe,
+    display_table,
     epoch_curves,
     format_table,
     importance,
     load_results,
+    load_sweep,
+    marginal_table,
     pareto_front,
     threshold_curves,
     threshold_pareto,
@@ -63,7 +67,7 @@ def _row(sweep: str, trial_id: str, member: int, seed: int, preset: str | None,
     row = {
         "sweep": sweep, "trial_id": trial_id, "member": member, "seed": seed,
         "preset": preset, "config_id": config_id,
-        "alpha_start": weights[0], "alpha_end": weights[0], "schedule": "constant",
+        "alpha_start": float("nan"), "alpha_end": float("nan"), "schedule": "none",
         "layer_weight_1": weights[0], "layer_weight_2": weights[1], "layer_weight_3": weights[2],
         "lr_scale_1": 1.0, "lr_scale_2": 1.0, "lr_scale_3": 1.0,
         "routing_threshold": threshold, "exit_layer": 1, "lr": 1e-3, "dim": 64, "num_layers": 3,
@@ -84,7 +88,8 @@ def _epochs(row: dict) -> list[dict]:
              "epoch": e, "train_loss": 2.5 - 0.08 * e,
              "val_ppl": row["best_ppl"] * (1 + 0.5 * math.exp(-e)) if row["best_ppl"] == row[
                  "best_ppl"] else float("nan"),
-             "alpha": row["alpha_start"], "shallow_ratio": row["shallow_ratio"],
+             "alpha": row["alpha_start"], "config_id": row["config_id"],
+             "shallow_ratio": row["shallow_ratio"],
              "compute_cost": row["compute_cost"]} for e in range(n)]
 
 
@@ -165,8 +170,9 @@ def test_single_seed_ci_is_undefined_and_said():
     table = comparison_table(frame({"a": [10.0, 11.0], "solo": [9.0]}))
     solo = table.set_index("model").loc["solo"]
     assert math.isnan(solo["ci_low"]) and math.isnan(solo["ci_high"])
-    assert any("one seed" in n and "solo" in n for n in table.attrs["notes"])
-    assert "n/a (1 seed)" in format_table(table)
+    assert any("1 configuration(s) with one seed" in n for n in table.attrs["notes"])
+    shown = display_table(table).set_index("Configuration")
+    assert shown.loc["solo", "95% CI"] == "" and shown.loc["a", "95% CI"].startswith("[")
 
 
 def test_ties_share_rank_and_other_confidence():
@@ -214,19 +220,84 @@ def test_only_completed_rows_count():
     assert table.loc[0, "n_seeds"] == 2 and table.loc[0, "ppl_mean"] == pytest.approx(11.0)
 
 
-def test_group_by_config_id_list_and_null_preset():
+def test_null_preset_keeps_its_configuration_and_baseline_by_config_id():
     trials = frame({"a": [10.0, 11.0], "b": [12.0, 13.0]})
     trials.loc[trials["preset"] == "b", "preset"] = None
-    by_preset = comparison_table(trials)
-    assert set(by_preset["model"]) == {"a", "id-b"}  # unnamed config keeps its own group
-    by_id = comparison_table(trials, by="config_id", baseline="a")  # baseline via preset name
-    assert set(by_id["model"]) == {"id-a", "id-b"}
-    assert by_id.set_index("model").loc["id-b", "ppl_change_pct"] == pytest.approx(
+    table = comparison_table(trials, baseline="id-a")  # a baseline named by its config_id
+    assert table["config_id"].tolist() == ["id-a", "id-b"]
+    assert table.set_index("config_id").loc["id-b", "ppl_change_pct"] == pytest.approx(
         100 * (12.5 / 10.5 - 1))
-    both = comparison_table(trials.assign(lr=[1e-3, 1e-3, 1e-3, 1e-2]), by=["config_id", "lr"])
-    assert len(both) == 3 and "config_id=id-b, lr=0.01" in set(both["model"])
     with pytest.raises(AnalysisError, match="wat"):
-        comparison_table(trials, by="wat")
+        marginal_table(trials, "wat")
+
+
+def quickstart_frame(seeds: int = 1) -> pd.DataFrame:
+    """What `ufw.sweep search_spaces/quickstart.yaml` writes: every row names the space's
+    preset, but 8 sampled configurations differ from it (and from each other); one of them is
+    the preset exactly."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(8):
+        thr, w1, lr = ((0.95, 0.7, 1e-3) if i == 0 else
+                       (float(rng.uniform(0.5, 1)), float(rng.uniform(0.1, 0.9)),
+                        float(10 ** rng.uniform(-3.5, -2))))
+        for s in range(seeds):
+            rows.append({"trial_id": f"t{i // 4}", "member": (i % 4) * seeds + s, "seed": 42 + s,
+                         "preset": "asymmetric_best", "config_id": f"cfg{i}",
+                         "status": "completed", "routing_threshold": thr,
+                         "exit_thresholds": json.dumps([thr]), "layer_weight_1": w1,
+                         "layer_weight_2": 0.0, "layer_weight_3": 0.3, "lr": lr, "dim": 32,
+                         "schedule": "none", "best_ppl": 17 + i + 0.1 * s,
+                         "compute_cost": 0.99, "shallow_ratio": 0.02, "best_epoch": 2})
+    return pd.DataFrame(rows)
+
+
+def test_quickstart_sweep_is_one_row_per_configuration():
+    table = comparison_table(quickstart_frame())
+    assert len(table) == 8 and table["config_id"].is_unique
+    assert (table["n_seeds"] == 1).all() and table["ci_low"].isna().all()
+    labels = table.set_index("config_id")["model"]
+    assert labels["cfg0"] == "asymmetric_best"  # the preset exactly
+    assert labels.drop("cfg0").str.startswith("thr .").all()  # the others: what was varied
+    assert labels.is_unique and not labels.drop("cfg0").str.contains("asymmetric").any()
+    text = format_table(table)
+    assert "Seeds" in text and "[" not in text.split("\n")[2]  # no CI with one seed
+    assert "One row per configuration (8)" in text
+
+
+def test_ci_only_with_two_or_more_seeds():
+    trials = pd.concat([quickstart_frame(seeds=3).query("config_id == 'cfg1'"),
+                        quickstart_frame(seeds=1).query("config_id == 'cfg2'")])
+    table = comparison_table(trials).set_index("config_id")
+    assert table.loc["cfg1", "n_seeds"] == 3 and np.isfinite(table.loc["cfg1", "ci_low"])
+    assert table.loc["cfg2", "n_seeds"] == 1 and np.isnan(table.loc["cfg2", "ci_low"])
+    shown = display_table(comparison_table(trials)).set_index("config_id")
+    assert shown.loc["cfg1", "95% CI"].startswith("[") and shown.loc["cfg2", "95% CI"] == ""
+
+
+def test_labels_describe_what_the_sweep_varied():
+    row = pd.Series({"schedule": "linear", "alpha_start": 0.49, "alpha_end": 0.11,
+                     "alpha_steps": "[]", "lr_scale_1": 0.2, "lr_scale_2": 0.74,
+                     "lr_scale_3": 0.18, "routing_threshold": 0.95, "num_layers": 3})
+    params = ["schedule", "alpha_start", "alpha_end", "lr_scale_1", "lr_scale_2", "lr_scale_3",
+              "routing_threshold"]
+    assert describe(row, params) == "linear .49->.11, lr .20/.74/.18, thr .95"
+    assert describe(pd.Series({"schedule": "none"}), ["schedule"]) == "no alpha"
+    assert describe(pd.Series({"lr": 0.0024, "dim": 64}), ["lr", "dim"]) == "lr 2.4e-3, dim 64"
+
+
+def test_marginal_is_over_configurations_not_seeds():
+    trials = quickstart_frame(seeds=3)
+    trials["schedule"] = np.where(trials["config_id"].isin(["cfg0", "cfg1", "cfg2"]),
+                                  "none", "linear")
+    table = marginal_table(trials, "schedule").set_index("group")
+    assert table.loc["none", "n_configs"] == 3 and table.loc["none", "n_rows"] == 9
+    means = [17.1, 18.1, 19.1]  # the three configurations' seed means
+    assert table.loc["none", "ppl_mean"] == pytest.approx(np.mean(means))
+    assert table.loc["none", "ppl_sd"] == pytest.approx(np.std(means, ddof=1))
+    text = format_table(marginal_table(trials, "schedule"))
+    assert "Configurations" in text and "across configurations" in text
+    assert "Seeds" not in text and "CI" not in text
 
 
 def test_markdown_formatter():
@@ -306,7 +377,7 @@ def test_config_means_and_epoch_curves(tmp_path):
     assert means.loc["standard_llm", "n_seeds"] == 3
     assert means.loc["standard_llm", "best_ppl"] == pytest.approx(std["best_ppl"].mean())
     assert means.loc["standard_llm", "ppl_std"] == pytest.approx(std["best_ppl"].std())
-    assert means.loc["cfg-s0", "n_seeds"] == 1  # its pruned seed does not count
+    assert means.set_index("config_id").loc["cfg-s0", "n_seeds"] == 1  # pruned seed left out
     assert "layer_weight_1" in means.columns and "trial_id" not in means.columns
     curves = epoch_curves(trials, epochs)
     lpt = curves[curves["model"] == "lpt"]
@@ -336,10 +407,41 @@ def test_importance_ranks_driver_above_noise():
     assert imp.index[0] == "lr" and imp["lr"] > 2 * imp["noise"]
     assert imp.sum() == pytest.approx(1.0)
     copy = importance(trials.assign(lr_copy=trials["lr"]))
-    assert "lr_copy" not in copy.index and copy.attrs["aliases"] == {"lr": ["lr_copy"]}
+    assert "lr_copy" not in copy.index and "lr" in copy.index
     maxed = importance(trials.assign(acc=-trials["best_ppl"]), target="acc", direction="max",
                        params=["lr", "noise"])
     assert maxed.index[0] == "lr"
+
+
+def test_importance_one_entry_per_swept_knob(tmp_path):
+    """exit_thresholds of a one-exit model copies routing_threshold: one knob, one entry."""
+    trials = quickstart_frame()
+    inferred = importance(trials)
+    assert set(inferred.index) == {"routing_threshold", "layer_weight_1", "lr"}
+    out = tmp_path / "quickstart-1"
+    (out / "trials").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pandas(trials), out / "trials" / "part-t.parquet")
+    space = {"parameters": [{"name": "routing_threshold"}, {"name": "layer_weights.1"}],
+             "fixed": {"preset": "asymmetric_best"}}
+    (out / "sweep.json").write_text(json.dumps({"space": space}))
+    sweep = load_sweep(out)
+    assert sweep.params == ["routing_threshold", "layer_weight_1"]
+    assert sweep.fixed_preset == "asymmetric_best" and sweep.name == "quickstart-1"
+    assert set(importance(sweep.trials, sweep.params).index) == set(sweep.params)
+
+
+def test_default_results_is_the_newest_sweep(tmp_path, monkeypatch):
+    from ufw.analysis import default_results, latest_sweep
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AnalysisError, match="no sweep under results"):
+        default_results()
+    old, new = (write_results(tmp_path / "results", sweep=n, samples=1) for n in ("b-1", "a-2"))
+    os.utime(old / "trials", (1, 1))
+    os.utime(new / "trials", (2, 2))
+    assert latest_sweep("results") == "results/a-2"
+    monkeypatch.setenv("UFW_RESULTS", str(old))
+    assert default_results() == str(old) and load_sweep().name == "b-1"
 
 
 def test_importance_needs_something_to_vary():
@@ -348,7 +450,7 @@ def test_importance_needs_something_to_vary():
 
 
 def test_importance_fanova_needs_sklearn():
-    trials = frame({"a": [5.0, 6.0, 7.0]}).assign(lr=[1e-3, 2e-3, 3e-3])
+    trials = frame({"a": [5.0], "b": [6.0], "c": [7.0]}).assign(lr=[1e-3, 2e-3, 3e-3])
     try:
         import sklearn  # noqa: F401
     except ImportError:
@@ -430,8 +532,9 @@ def test_cli_table_formats(tmp_path):
     table = pd.read_csv(StringIO(csv.stdout))
     assert {"rank", "model", "ppl_mean", "ci_low", "ppl_change_pct", "significant"} <= set(
         table.columns)
-    html = _cli(path, "--format", "html", "--by", "config_id")
+    html = _cli(path, "--format", "html", "--by", "schedule")
     assert html.returncode == 0 and "<table" in html.stdout
+    assert "Configurations" in html.stdout and "across configurations" in html.stdout
 
 
 def test_cli_missing_dir(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-COMMANDS = {"ufw.train": "ufw-train", "ufw.sweep": "ufw-sweep", "ufw.analysis": "ufw-analysis"}
+COMMANDS = {"ufw.train": "ufw-train", "ufw.sweep": "ufw-sweep", "ufw.analysis": "ufw-analysis",
+            "ufw.confirm": "ufw-confirm"}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

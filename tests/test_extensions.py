@@ -178,7 +178,7 @@ def test_self_distillation_teacher_gets_no_gradient(corpus):
 def test_saved_model_as_teacher(corpus, tmp_path):
     population = Population([tiny("standard_llm", seed=7, max_epochs=1)], corpus)
     population.run_epoch()
-    path = str(tmp_path / "teacher.pt")
+    path = str(tmp_path / "teacher.safetensors")
     population.save_member(0, path)
     config = tiny(teacher=path, distillation_alpha=0.5)
     trainer = UniversalTrainer(config, corpus.vocab_size)

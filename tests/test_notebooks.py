@@ -15,10 +15,12 @@ from test_analysis import write_results  # tests/ is on sys.path under pytest's 
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {
-    "ppl_tables": ["ppl_by_model.png", "val_ppl_curves.png", "ppl_table.md", "ppl_table.csv"],
+    "ppl_tables": ["ppl_by_configuration.png", "val_ppl_curves.png", "ppl_table.md",
+                   "ppl_table.csv"],
     "pareto": ["pareto.png", "threshold_curves.png", "pareto_front.csv",
                "threshold_pareto.csv", "best_configurations.csv"],
-    "importance": ["importance.png", "importance.csv"],
+    "importance": ["importance.png", "importance.csv", "parameter_effects.png",
+                   "parallel_coordinates.png"],
 }
 
 
@@ -27,19 +29,20 @@ def results(tmp_path_factory) -> Path:
     return write_results(tmp_path_factory.mktemp("results"), samples=10)
 
 
-def run_notebook(name: str, results: Path, out: Path) -> nbformat.NotebookNode:
-    """Execute analysis/NAME.ipynb with RESULTS/OUT replaced; return the executed notebook."""
+def run_notebook(name: str, results: Path | None = None,
+                 cwd: Path = ROOT) -> nbformat.NotebookNode:
+    """Execute analysis/NAME.ipynb in ``cwd``, with RESULTS replaced when ``results`` is given
+    (as papermill would), else as shipped; return the executed notebook."""
     nb = nbformat.read(ROOT / "analysis" / f"{name}.ipynb", as_version=4)
     first = nb.cells[0]
     assert first.cell_type == "code" and first.source.startswith("RESULTS = "), \
         "the first cell must set RESULTS (parameter cell)"
-    lines = first.source.splitlines()
-    lines[0] = f"RESULTS = {str(results)!r}"
-    lines[1] = f"OUT = {str(out)!r}"
-    first.source = "\n".join(lines)
-    # The kernel runs from the repository root so that `import ufw` works uninstalled too.
-    client = NotebookClient(nb, kernel_name="python3", timeout=120,
-                            resources={"metadata": {"path": str(ROOT)}})
+    if results is not None:
+        lines = first.source.splitlines()
+        lines[0] = f"RESULTS = {str(results)!r}"
+        first.source = "\n".join(lines)
+    client = NotebookClient(nb, kernel_name="python3", timeout=300,
+                            resources={"metadata": {"path": str(cwd)}})
     client.execute()
     return nb
 
@@ -47,8 +50,8 @@ def run_notebook(name: str, results: Path, out: Path) -> nbformat.NotebookNode:
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_runs_and_saves(name, results, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")  # the kernel inherits it: headless figures
-    out = tmp_path / "analysis"
-    run_notebook(name, results, out)
+    out = results / "analysis"
+    run_notebook(name, results)
     for file in NOTEBOOKS[name]:
         path = out / file
         assert path.exists() and path.stat().st_size > 0, f"{name} did not write {file}"

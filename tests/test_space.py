@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -289,3 +290,26 @@ def test_yaml_error_message_has_line_number(write_space):
             parameters:
               lr: [1, 2
         """)))
+
+
+def test_explicit_points_are_a_grid_of_configurations():
+    space = parse_space({"fixed": {"dim": 16}, "points": [
+        {"preset": "lpt"}, {"routing_threshold": 0.8, "layer_weights.1": 0.5}]})
+    assert space.grid_size == 2 and space.sampler["type"] == "grid"
+    space.validate_configs()
+    study = space.create_study()
+    sampled = []
+    for _ in range(2):
+        trial = study.ask()
+        sampled.append(space.sample(trial))
+        study.tell(trial, 1.0)
+    assert sorted(sampled, key=str) == sorted(space.points, key=str)  # each point once
+    for raw, where in (({"points": [{"nope": 1}]}, "points[0].nope"),
+                       ({"points": [{"seed": 1}]}, "points[0].seed"),
+                       ({"points": []}, "points"),
+                       ({"points": [{"lr": 1e-3}], "parameters": {"dim": {
+                           "type": "int", "low": 8, "high": 16}}}, "points")):
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            parse_space(raw)
+    with pytest.raises(ConfigError, match=re.escape("points[1]")):
+        parse_space({"points": [{"lr": 1e-3}, {"routing_threshold": 7}]}).validate_configs()

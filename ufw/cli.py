@@ -12,16 +12,10 @@ from typing import Any
 import torch
 import yaml
 
+from ufw.arguments import USER_ERROR, ArgumentParser
 from ufw.config import PRECISIONS, PRESETS, ConfigError, UniversalConfig, preset
 from ufw.data import Corpus, load_corpus
 from ufw.space import DATA_KEYS
-
-USER_ERROR = 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own usage errors also exit 2
-        self.exit(USER_ERROR, f"{self.prog}: error: {message}\n")
 
 
 def parser(prog: str, description: str) -> ArgumentParser:

@@ -25,6 +25,10 @@ CONFIDENCE_METHODS = ("max_softmax", "entropy", "margin", "learned")
 ALPHA = "\N{GREEK SMALL LETTER ALPHA}"  # describe() writes alpha as the framework does
 
 
+# Limits no real run reaches (a seed must also fit NumPy's and Parquet's integers).
+UPPER_BOUNDS = {"max_epochs": 100_000, "patience": 100_000, "seed": 2**32 - 1}
+
+
 class ConfigError(ValueError):
     """A user mistake in a configuration: the message names the field and what is allowed."""
 
@@ -205,6 +209,9 @@ class UniversalConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(key, "must be a non-negative integer", value)
+        for key, most in UPPER_BOUNDS.items():  # beyond these a value can only be a typo
+            if getattr(self, key) > most:
+                fail(key, f"must be at most {most:,}", getattr(self, key))
         for key in ("lr", "distillation_temperature"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -260,7 +267,7 @@ class UniversalConfig:
                 0 <= self.distillation_alpha <= 1):
             fail("distillation_alpha", "must be in [0, 1]", self.distillation_alpha)
         if not isinstance(self.teacher, str) or (
-                self.teacher != "self" and not Path(self.teacher).is_file()):
+                self.teacher != "self" and not _is_saved_model(self.teacher)):
             fail("teacher", "must be 'self' or the path of a saved ufw model", self.teacher)
         if self.experts_top_k > self.num_experts:
             fail("experts_top_k", f"must be <= num_experts={self.num_experts}",
@@ -283,13 +290,17 @@ class UniversalConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> UniversalConfig:
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
-        if not isinstance(data or {}, dict):
-            raise ConfigError(f"config file {path}: must be a mapping of config keys")
+            first = str(e).splitlines()[0] if str(e) else "cannot parse"
+            raise ConfigError(f"config file {path}: invalid YAML: {first}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: must be a mapping of config keys to "
+                              f"values, got a {type(data).__name__}")
         if "preset" in (data or {}):
             return preset(data.pop("preset")).with_overrides(data)
         return cls.from_dict(data or {})
@@ -327,6 +338,13 @@ class UniversalConfig:
         data = self.to_dict()
         data.pop("seed")
         return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _is_saved_model(path: str) -> bool:
+    """Whether `path` is a model saved by ufw (its header only: cheap, and runs no code)."""
+    from ufw import tensorfile
+
+    return Path(path).is_file() and tensorfile.kind_of(path) == tensorfile.MODEL
 
 
 def _layer_key(field_name: str, key: Any) -> int:

@@ -51,7 +51,7 @@ class Corpus:
 def _batches(ids: torch.Tensor, batch_size: int, seq_len: int, what: str):
     num_seqs = (len(ids) - 1) // seq_len
     num_batches = num_seqs // batch_size
-    if num_batches == 0:
+    if num_batches <= 0:  # an empty file has -1 sequences
         raise ConfigError(f"{what}: {len(ids)} characters make no full batch of "
                           f"{batch_size} x {seq_len}; give more text or smaller batches")
     n = num_batches * batch_size * seq_len

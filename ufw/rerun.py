@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ufw.config import ALPHA_KNOBS, ConfigError, UniversalConfig, canonical_knob, knob_field
+from ufw.config import ALPHA_KNOBS, ConfigError, UniversalConfig
 from ufw.results import read_sweep_record, read_trials, sweep_dir
 from ufw.space import build_config, space_from_dict
 
@@ -98,22 +98,7 @@ def config_from_row(row: dict[str, Any]) -> UniversalConfig:
 def _from_record(record: dict[str, Any], row: dict[str, Any]) -> tuple[UniversalConfig, str]:
     """What the sweep built: its fixed values, the row's sampled parameters, its overrides."""
     space = space_from_dict(record["space"])
-    params: dict[str, Any] = {}
-    for p in space.parameters:  # in sampling order, so that conditions see their parameter
-        if p.active(params):
-            params[p.name] = _column_value(row, p.name)
-    return build_config(space.fixed, params, record.get("overrides") or {})
-
-
-def _column_value(row: dict[str, Any], name: str) -> Any:
-    """A knob's value in a row; `exit_thresholds.N` is an entry of its list column."""
-    if name == "preset":
-        return row["preset"]
-    field_name, layer = knob_field(canonical_knob(name))
-    if field_name == "exit_thresholds":
-        by_exit = dict(zip(json.loads(row["exit_layers"]), json.loads(row["exit_thresholds"])))
-        return by_exit.get(layer)
-    return row[canonical_knob(name)]
+    return build_config(space.fixed, space.point_of(row), record.get("overrides") or {})
 
 
 def _plain(value: Any) -> Any:

@@ -41,7 +41,8 @@ _PY_TO_ARROW = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.
 
 # Columns beyond the configuration fields, with their types.
 RESULT_TYPES: dict[str, pa.DataType] = {
-    "sweep": pa.string(), "trial_id": pa.string(), "member": pa.int64(), "seed": pa.int64(),
+    "sweep": pa.string(), "source_sweep": pa.string(), "trial_id": pa.string(),
+    "member": pa.int64(), "seed": pa.int64(),
     "preset": pa.string(), "config_id": pa.string(), "cohort_size": pa.int64(),
     "schedule": pa.string(), "alpha_start": pa.float64(), "alpha_end": pa.float64(),
     "alpha_steps": pa.string(), "exit_layers": pa.string(), "exit_thresholds": pa.string(),
@@ -209,6 +210,24 @@ class ResultsWriter:
             path = self.part(kind, trial_id)
             if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
                 self.fs.delete_file(path)
+
+    def set_aside_damaged(self) -> dict[str, str]:
+        """Rename parts that are not readable Parquet (a truncated copy, a full disk) to
+        `_damaged-part-<trial_id>.parquet` (readers skip names starting with "_"), with their
+        trial's other part. Returns trial id -> what was wrong."""
+        damaged: dict[str, str] = {}
+        for kind in (TRIALS, EPOCHS):
+            for trial_id in sorted(self.trial_ids(kind)):
+                try:
+                    pq.read_metadata(self.part(kind, trial_id), filesystem=self.fs)
+                except (OSError, pa.ArrowException) as e:
+                    damaged.setdefault(trial_id, f"{kind} part: {str(e).splitlines()[0]}")
+        for trial_id in damaged:
+            for kind in (TRIALS, EPOCHS):
+                path = self.part(kind, trial_id)
+                if self.fs.get_file_info(path).type == pafs.FileType.File:
+                    self.fs.move(path, join(self.dir(kind), f"_damaged-part-{trial_id}.parquet"))
+        return damaged
 
     def clean_temporary(self) -> None:
         """Remove temporary files a killed driver left behind."""

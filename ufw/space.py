@@ -10,6 +10,8 @@ A search space (see `search_spaces/*.yaml` and docs/sweep.md) has these top-leve
     defaults:    num_samples, cohort, seeds, max_concurrent
     data:        data, train_file, val_file, train_chars, val_chars (the data flags)
     sampler:     tpe | random | grid | nsga2, or {type: ..., seed: N, population_size: N}
+    points:      instead of parameters, a list of explicit configurations (mappings of config
+                 keys), each trained once x seeds (ufw.confirm writes such spaces)
 
 Parameter (and fixed) names are knobs (docs/knobs.md) in any of their spellings: plain fields
 (`lr`, `routing_threshold`, ...), per-layer entries (`layer_weight_1` or `layer_weights.1`,
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -44,10 +47,12 @@ from ufw.config import (
     apply_knobs,
     canonical_knob,
     is_numeric_knob,
+    knob_field,
+    parse_steps,
 )
 
 TOP_LEVEL_KEYS = ("description", "fixed", "parameters", "objectives", "defaults", "data",
-                  "sampler")
+                  "sampler", "points")
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"float": ("type", "low", "high", "log", "step", "condition"),
               "int": ("type", "low", "high", "log", "step", "condition"),
@@ -59,6 +64,7 @@ DIRECTIONS = ("minimize", "maximize")
 DEFAULT_KEYS = ("num_samples", "cohort", "seeds", "max_concurrent")
 # num_samples None: 8, or the whole grid with sampler grid.
 DEFAULTS = {"num_samples": None, "cohort": 1, "seeds": 1, "max_concurrent": None}
+POINT = "point"  # the study parameter of a space of explicit points: the point's index
 DATA_KEYS = ("data", "train_file", "val_file", "train_chars", "val_chars")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 SAMPLER_KEYS = ("type", "seed", "population_size", "n_startup_trials")
@@ -89,6 +95,15 @@ def knob_name(name: str, where: str) -> str:
         return canonical_knob(name, also=("preset",))
     except ConfigError as e:
         raise ConfigError(f"{where} {e}" if where.startswith("--") else f"{where}.{e}") from None
+
+
+def parameter_column(name: str) -> str | None:
+    """The Parquet column of a parameter: its canonical knob name (docs/knobs.md); None for
+    `exit_thresholds.N`, an entry of the list column `exit_thresholds`."""
+    if name == "preset":
+        return name
+    canonical = canonical_knob(name)
+    return None if knob_field(canonical)[0] == "exit_thresholds" else canonical
 
 
 def build_config(*layers: dict[str, Any]) -> tuple[UniversalConfig, str | None]:
@@ -135,6 +150,26 @@ class Parameter:
                                      step=self.step or 1)
         return trial.suggest_categorical(self.name, self.choices)
 
+    def value_in(self, row: dict[str, Any]) -> Any:
+        """This parameter's value in a configuration's result row (UniversalConfig.flat()
+        columns): the inverse of sampling it, as one of its choices where it has them."""
+        column = parameter_column(self.name)
+        if column is None:  # exit_thresholds.N: a JSON list, one entry per exit layer
+            layer = knob_field(canonical_knob(self.name))[1]
+            layers, thresholds = json.loads(row["exit_layers"]), json.loads(row["exit_thresholds"])
+            value = thresholds[layers.index(layer)]
+        elif column == "alpha_steps":
+            steps = parse_steps(row["alpha_steps"])
+            value = next((c for c in self.choices if parse_steps(c) == steps), steps)
+        else:
+            value = row[column]
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars: plain
+        if self.type == "categorical":
+            return next((c for c in self.choices if c == value or (
+                isinstance(c, (int, float)) and isinstance(value, (int, float))
+                and math.isclose(c, value, rel_tol=1e-12))), value)
+        return int(value) if self.type == "int" else float(value)
+
     def active(self, values: dict[str, Any]) -> bool:
         return all(name in values and values[name] in allowed
                    for name, allowed in self.condition.items())
@@ -163,23 +198,41 @@ class SearchSpace:
     data: dict[str, Any]
     sampler: dict[str, Any]
     description: str = ""
+    # explicit configurations instead of sampled parameters: each is one grid point
+    points: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, trial) -> dict[str, Any]:
         """Define-by-run: ask `trial` for every active parameter, conditions honoured."""
+        if self.points:  # the study records which point; the trial trains its values
+            return dict(self.points[trial.suggest_categorical(POINT, self.grid()[POINT])])
         values: dict[str, Any] = {}
         for p in self.parameters:
             if p.active(values):
                 values[p.name] = p.suggest(trial)
         return values
 
+    def point_of(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The sampled values that gave a configuration, from its result row (the inverse of
+        sample(); build_config(fixed, point, overrides) rebuilds the configuration)."""
+        if self.points:
+            raise ConfigError("point_of: a space of explicit points samples nothing")
+        values: dict[str, Any] = {}
+        for p in self.parameters:
+            if p.active(values):
+                values[p.name] = p.value_in(row)
+        return values
+
     def grid(self) -> dict[str, list[Any]]:
-        """Optuna GridSampler's search space (every parameter is categorical)."""
+        """Optuna GridSampler's search space (every parameter is categorical; with points,
+        the index of each point)."""
+        if self.points:
+            return {POINT: list(range(len(self.points)))}
         return {p.name: list(p.choices) for p in self.parameters}
 
     @property
     def grid_size(self) -> int:
-        return math.prod(len(p.choices) for p in self.parameters)
+        return math.prod(len(choices) for choices in self.grid().values())
 
     def make_sampler(self):
         import optuna
@@ -198,11 +251,14 @@ class SearchSpace:
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=self.sampler.get("n_startup_trials", 10))
 
-    def create_study(self):
+    def create_study(self, storage=None, study_name: str | None = None):
+        """An Optuna study of this space; with a ``storage``, the study ``study_name`` kept
+        there (loaded when it exists, so that a resumed sweep continues it)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.create_study(sampler=self.make_sampler(),
+        return optuna.create_study(sampler=self.make_sampler(), storage=storage,
+                                   study_name=study_name, load_if_exists=storage is not None,
                                    directions=[o.direction for o in self.objectives])
 
     # ------------------------------------------------------------------ configurations
@@ -220,6 +276,11 @@ class SearchSpace:
         is checked with its condition met. A bad value fails with ConfigError naming it.
         """
         overrides = overrides or {}
+        for i, point in enumerate(self.points):
+            try:
+                build_config(self.fixed, point, overrides)
+            except ConfigError as e:
+                raise ConfigError(f"points[{i}]: an invalid configuration: {e}") from None
         baseline = self._assignment({})
         try:
             first, _ = build_config(self.fixed, baseline, overrides)
@@ -274,9 +335,11 @@ def space_from_dict(data: dict[str, Any]) -> SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"search space {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"search space {path}: not UTF-8 text") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -284,6 +347,9 @@ def load_space(path: str | Path) -> SearchSpace:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"search space {path}: invalid YAML{where}: {problem}") from None
+    if raw is None:  # it would train the default configuration num_samples times
+        raise ConfigError(f"search space {path}: the file is empty; give at least "
+                          "parameters to sample (docs/sweep.md)")
     return parse_space(raw, name=path.stem)
 
 
@@ -300,6 +366,14 @@ def parse_space(raw: Any, name: str = "space") -> SearchSpace:
                               f"{', '.join(TOP_LEVEL_KEYS)}")
     fixed = _parse_fixed(raw.get("fixed"))
     parameters = _parse_parameters(raw.get("parameters"))
+    points = _parse_points(raw.get("points"))
+    if points and parameters:
+        raise ConfigError("points: a space gives either parameters to sample or explicit "
+                          "points, not both")
+    if points:
+        given = raw.get("sampler")  # points are a grid (each once); a seed may order them
+        raw = {**raw, "sampler": {"type": "grid",
+                                  "seed": given.get("seed") if isinstance(given, dict) else None}}
     objectives = _parse_objectives(raw.get("objectives"))
     defaults = _parse_defaults(raw.get("defaults"))
     data = _parse_data(raw.get("data"))
@@ -310,8 +384,9 @@ def parse_space(raw: Any, name: str = "space") -> SearchSpace:
     overlap = sorted(set(fixed) & {p.name for p in parameters})
     if overlap:
         raise ConfigError(f"parameters.{overlap[0]}: also given in fixed; give it in one place")
-    space = SearchSpace(name, fixed, parameters, objectives, defaults, data, sampler, description)
-    if sampler["type"] == "grid":
+    space = SearchSpace(name, fixed, parameters, objectives, defaults, data, sampler, description,
+                        points)
+    if sampler["type"] == "grid" and not points:
         for p in parameters:
             if p.type != "categorical":
                 raise ConfigError(f"parameters.{p.name}: sampler grid needs categorical "
@@ -324,6 +399,15 @@ def parse_space(raw: Any, name: str = "space") -> SearchSpace:
     return space
 
 
+def _parse_points(raw: Any) -> list[dict[str, Any]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("points: must be a non-empty list of configurations (mappings of "
+                          "config keys)")
+    return [_parse_fixed(point, f"points[{i}]") for i, point in enumerate(raw)]
+
+
 def _mapping(value: Any, key: str) -> dict:
     if value is None:
         return {}
@@ -332,16 +416,19 @@ def _mapping(value: Any, key: str) -> dict:
     return value
 
 
-def _parse_fixed(raw: Any) -> dict[str, Any]:
+def _parse_fixed(raw: Any, where: str = "fixed") -> dict[str, Any]:
+    """Config values given as they are: the space's `fixed`, or one of its `points`."""
     fixed: dict[str, Any] = {}
     spelled: dict[str, str] = {}
-    for key, value in _mapping(raw, "fixed").items():
-        key = _unique(knob_name(str(key), "fixed"), str(key), spelled, "fixed")
+    for key, value in _mapping(raw, where).items():
+        key = _unique(knob_name(str(key), where), str(key), spelled, where)
         if key == "seed":
-            raise ConfigError("fixed.seed: the seeds of a sweep are 42, 43, ... (defaults.seeds "
-                              "sets how many); set the first one with --set seed=N")
+            raise ConfigError(f"{where}.seed: the seeds of a sweep are 42, 43, ... "
+                              "(defaults.seeds sets how many); set the first one with --set "
+                              "seed=N")
         if key == "preset" and value not in PRESETS:
-            raise ConfigError(f"fixed.preset: unknown {value!r}; allowed: {', '.join(PRESETS)}")
+            raise ConfigError(f"{where}.preset: unknown {value!r}; allowed: "
+                              f"{', '.join(PRESETS)}")
         if key in MAPPING_FIELDS and isinstance(value, dict):
             value = {k: as_number(v) for k, v in value.items()}
         fixed[key] = as_number(value) if is_numeric_key(key) else value

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import ufw
+from ufw import tensorfile
 from ufw.config import PRECISIONS, ConfigError, UniversalConfig
 from ufw.data import Corpus
+from ufw.memory import check_fits
 from ufw.model import EarlyExitLM, ModelShape, is_confidence_head, layer_of
 from ufw.results import EMPTY_METRICS, json_row
 from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
@@ -315,6 +317,7 @@ class Population:
                               "exits, experts, batch_size, seq_len, max_epochs and teacher")
         self.configs = [c.validate() for c in configs]
         self.device = torch.device(device)
+        check_fits(configs[0], corpus.vocab_size, len(configs), self.device)  # before allocating
         self.corpus = corpus.to(self.device)
         self.shape = ModelShape.of(configs[0], corpus.vocab_size)
         self.model = EarlyExitLM(self.shape, [c.seed for c in configs],
@@ -459,9 +462,13 @@ class Population:
         self.epoch = state["epoch"]
 
     def save_member(self, k: int, path: str) -> None:
-        """Save member k as a standalone model (usable as a distillation teacher)."""
-        torch.save({"config": self.configs[k].to_dict(), "vocab_size": self.corpus.vocab_size,
-                    "vocab": self.corpus.vocab, "state": self.model.member_state(k)}, path)
+        """Save member k as a standalone model (usable as a distillation teacher).
+
+        A safetensors file (ufw.tensorfile): loading it never runs code from it.
+        """
+        tensorfile.save(path, {"config": self.configs[k].to_dict(),
+                               "vocab_size": self.corpus.vocab_size, "vocab": self.corpus.vocab,
+                               "state": self.model.member_state(k)}, tensorfile.MODEL)
 
 
 def _best_metrics(stats: dict[str, list], k: int) -> dict[str, Any]:
@@ -491,20 +498,29 @@ def load_teacher(path: str, device: torch.device, vocab_size: int,
     """
     if path == "self":
         return None
+    saved = tensorfile.load(path, tensorfile.MODEL, what="teacher")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
         # The teacher's own teacher is history, not needed (nor, perhaps, still on disk).
         config = UniversalConfig.from_dict({**saved["config"], "teacher": "self"})
-    except Exception as e:
-        raise ConfigError(f"teacher: cannot read {path} as a saved ufw model ({e})") from None
-    if saved["vocab_size"] != vocab_size or (vocab and saved.get("vocab", vocab) != vocab):
+        saved_vocab_size = int(saved["vocab_size"])
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"teacher {path}: not a complete ufw model ({e})") from None
+    if saved_vocab_size != vocab_size or (vocab and saved.get("vocab", vocab) != vocab):
         raise ConfigError(f"teacher: {path} was trained on another vocabulary "
-                          f"({saved['vocab_size']} symbols; this corpus has {vocab_size})")
+                          f"({saved_vocab_size} symbols; this corpus has {vocab_size})")
     teacher = EarlyExitLM(ModelShape.of(config, vocab_size), [config.seed])
-    with torch.no_grad():
-        for name, p in teacher.named_member_params():
-            p.copy_(saved["state"][name][None])
+    try:
+        with torch.no_grad():
+            for name, p in teacher.named_member_params():
+                p.copy_(saved["state"][name][None])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"teacher {path}: its parameters do not match its configuration "
+                          f"({_first_line(e)})") from None
     return teacher.to(device).eval().requires_grad_(False)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def members_that_fit(config: UniversalConfig, corpus: Corpus, device: str = "cuda",

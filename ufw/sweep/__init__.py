@@ -11,7 +11,8 @@ as Parquet parts (ufw.results) and prints a progress line; at the end it prints 
 configurations and where the files are.
 
 Layout of `<results>/<name>/`: `trials/` and `epochs/` (Parquet parts), `ray/` (Ray Tune's
-experiment: checkpoints, searcher state), `sweep.json` (what was run).
+experiment: checkpoints, searcher state), `sweep.json` (what was run), `study.journal` (the
+Optuna study, ufw/study.py).
 
 The package, from bottom to top: `members` (a trial's configuration as members and rows),
 `trainable` (run_trial), `searchers`, `callback` (the driver's Parquet writer and progress),

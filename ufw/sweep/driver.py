@@ -7,16 +7,19 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 from ufw import cli
 from ufw.config import ConfigError
 from ufw.rerun import rerun_command
 from ufw.results import ResultsWriter, join, read_epochs, read_trials
-from ufw.space import Objective
+from ufw.space import Objective, parameter_column
+from ufw.study import journal_storage
 from ufw.sweep import callback, searchers
 from ufw.sweep.callback import error_line
-from ufw.sweep.members import SPEC, column_of, expand_members, failed_rows, trial_points
+from ufw.sweep.lock import SweepLock
+from ufw.sweep.members import SPEC, expand_members, failed_rows, trial_points
 from ufw.sweep.plan import (
     Plan,
     _check_resources,
@@ -25,11 +28,17 @@ from ufw.sweep.plan import (
     build_parser,
     make_plan,
 )
+from ufw.sweep.repair import set_aside_damaged_parts
 from ufw.sweep.searchers import DefineByRun
 from ufw.sweep.trainable import run_trial, trial_dirname
 
 
 def _init_ray(plan: Plan) -> None:
+    if not plan.address:
+        # A local Ray serves this machine only. With this setting (Ray's own, meant for macOS
+        # and Windows) its node address is loopback and its servers listen on 127.0.0.1
+        # alone. Ray reads it on import; its processes inherit it from this environment.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():  # e.g. tests, notebooks: use the running instance
@@ -60,7 +69,6 @@ def make_tuner(plan: Plan):
     import optuna
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig
-    from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = plan.space
@@ -70,11 +78,14 @@ def make_tuner(plan: Plan):
     mode = [o.mode for o in objectives]
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
-    if plan.cohort == 1:
-        search = OptunaSearch(space=DefineByRun(space), metric=metric, mode=mode,
-                              sampler=space.make_sampler())
-    else:
-        search = searchers.CohortSearcher(space, plan.num_samples, plan.cohort)
+    storage = journal_storage(plan.study_file)  # kept beside the Parquet: ufw/study.py
+    if plan.cohort == 1 and not space.points:
+        search = searchers.StudySearch(space=DefineByRun(space), metric=metric, mode=mode,
+                                       sampler=space.make_sampler(), storage=storage,
+                                       study_name=plan.name)
+    else:  # explicit points are handed out by the cohort searcher (see SearchSpace.points)
+        search = searchers.CohortSearcher(space, plan.num_samples, plan.cohort, storage,
+                                          plan.name)
     # max_concurrent_trials also sets how many trials Ray keeps pending (not just 1).
     concurrency = _concurrency(plan)
     sweep_callback = callback.SweepCallback(spec, plan.root, plan.num_trials)
@@ -90,8 +101,9 @@ def make_tuner(plan: Plan):
                              callbacks=[sweep_callback]))
 
 
-def finalize(plan: Plan, grid) -> bool:
-    """Give every trial of the experiment its parts, drop parts of unknown trials.
+def finalize(plan: Plan, grid, lock: SweepLock | None = None) -> bool:
+    """Give every trial of the experiment its parts, drop parts of unknown trials (only
+    while this driver holds the sweep's lock).
 
     Returns whether the sweep is complete (every trial finished or failed).
     """
@@ -114,6 +126,10 @@ def finalize(plan: Plan, grid) -> bool:
                                                {"trial_id": trial_id}), [])
         else:
             complete = False
+    if lock is not None and not lock.held():
+        print(f"[{plan.name}] lost the sweep's lock to another driver: deleting nothing",
+              file=sys.stderr, flush=True)
+        return False
     for trial_id in writer.trial_ids() - known:
         writer.delete(trial_id)  # a trial the experiment forgot (driver killed before saving)
     writer.clean_temporary()
@@ -143,7 +159,7 @@ def summary(plan: Plan, top: int = 10) -> str:
     objectives = plan.space.objectives
     if len(frame):
         ok = frame[frame["status"] != "failed"]
-        params = [c for c in (column_of(p.name) for p in plan.space.parameters)
+        params = [c for c in (parameter_column(p.name) for p in plan.space.parameters)
                   if c and c in frame]
         metrics = [o.metric for o in objectives]
         extra = [m for m in ("best_ppl", "compute_cost", "acc") if m not in metrics]
@@ -192,14 +208,34 @@ def _quiet_ray_logs() -> None:
 
 
 def run(plan: Plan) -> int:
+    lock = SweepLock(plan.sweep_uri)
+    with cli.user_errors():
+        lock.acquire()  # also the first write under --results: unwritable fails here
+    try:
+        return _run_locked(plan, lock)
+    except KeyboardInterrupt:  # Ctrl-C before Tune runs (during Ray's start); Tune handles
+        # it itself while trials run, and the summary then says how to resume
+        print(f"[{plan.name}] interrupted; continue it with: python -m ufw.sweep "
+              f"{plan.space_path} --resume --name {plan.name} --results {plan.root}",
+              file=sys.stderr, flush=True)
+        return 130
+    finally:
+        lock.release()
+
+
+def _run_locked(plan: Plan, lock: SweepLock) -> int:
+    with cli.user_errors():
+        _init_ray(plan)  # first: it sets what Ray reads when imported
+        _check_resources(plan)
     from ray import tune
 
-    with cli.user_errors():
-        _init_ray(plan)
-        _check_resources(plan)
     _quiet_ray_logs()
     if plan.resume:
         print(f"[{plan.name}] resuming {plan.experiment_path}", flush=True)
+        damaged = set_aside_damaged_parts(plan.root, plan.name, plan.experiment_path)
+        for trial_id, what in damaged.items():
+            print(f"[{plan.name}] trial {trial_id}: damaged part ({what}); set aside as "
+                  f"_damaged-part-{trial_id}.parquet", file=sys.stderr, flush=True)
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(plan),
                                    resume_errored=True)
     else:
@@ -208,13 +244,31 @@ def run(plan: Plan) -> int:
               f"cohort {plan.cohort} -> {plan.num_trials} trials; results in {plan.sweep_uri}",
               flush=True)
         tuner = make_tuner(plan)
+    print(f"[{plan.name}] Optuna study: optuna-dashboard {plan.study_file}", flush=True)
     grid = tuner.fit()
-    complete = finalize(plan, grid)
+    complete = finalize(plan, grid, lock)
     print(summary(plan), flush=True)
     if not complete:
         print(f"[{plan.name}] the sweep did not finish; continue it with: python -m ufw.sweep "
               f"{plan.space_path} --resume --name {plan.name} --results {plan.root}", flush=True)
         return 1
+    return failure_status(plan)
+
+
+def failure_status(plan: Plan) -> int:
+    """0 unless rows failed: a line saying how many (stderr) and 1 if all of them did."""
+    trials = read_trials(plan.sweep_uri)
+    failed = trials[trials["status"] == "failed"] if len(trials) else trials
+    if not len(failed):
+        return 0
+    first = failed["error"].dropna()
+    reason = f" (first error: {first.iloc[0]})" if len(first) else ""
+    if len(failed) == len(trials):
+        print(f"[{plan.name}] every row failed: {len(failed)} of {len(trials)}{reason}",
+              file=sys.stderr, flush=True)
+        return 1
+    print(f"[{plan.name}] {len(failed)} of {len(trials)} rows failed{reason}",
+          file=sys.stderr, flush=True)
     return 0
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 import ufw
-from ufw.config import ConfigError, UniversalConfig, canonical_knob, knob_field
+from ufw.config import ConfigError, UniversalConfig
 from ufw.results import EMPTY_METRICS
-from ufw.space import Objective, build_config
+from ufw.space import Objective, build_config, parameter_column
 
 # Unix times of a trial's start and end, its set-up before the first epoch, and the time it
 # waited on Ray for its progress reports and checkpoints (NaN: unknown).
@@ -64,13 +64,11 @@ def expand_members(spec: dict[str, Any], points: list[dict[str, Any]]) -> list[M
     return members
 
 
-def column_of(name: str) -> str | None:
-    """The Parquet column of a parameter: its canonical knob name (docs/knobs.md); None for
-    `exit_thresholds.N`, an entry of the list column `exit_thresholds`."""
-    if name == "preset":
-        return name
-    canonical = canonical_knob(name)
-    return None if knob_field(canonical)[0] == "exit_thresholds" else canonical
+def sweep_columns(spec: dict[str, Any]) -> dict[str, Any]:
+    """The columns naming a row's sweep: ``sweep``, and ``source_sweep`` for a sweep that
+    re-trains another's configurations (ufw.confirm)."""
+    source = spec.get("source_sweep")
+    return {"sweep": spec["sweep"], **({"source_sweep": source} if source else {})}
 
 
 def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
@@ -81,13 +79,13 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
         if m.config is not None:
             row = m.config.flat()
         else:  # not even a configuration: the sampled values under their column names
-            row = {column_of(k): v for k, v in m.params.items() if column_of(k)}
+            row = {parameter_column(k): v for k, v in m.params.items() if parameter_column(k)}
             row["config_id"] = None
         row.update(member=m.index, cohort_size=len(members), **EMPTY_METRICS,
                    status="failed", error=m.error or error, ufw_version=ufw.__version__,
                    torch_version=str(torch.__version__), device=None,
                    dataset=spec.get("dataset"))
-        row.update(sweep=spec["sweep"], trial_id=None, preset=m.preset,
+        row.update(**sweep_columns(spec), trial_id=None, preset=m.preset,
                    seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None,
                    resumed_from_epoch=0, **TRIAL_TIMES)
         row.update(extra or {})

@@ -18,6 +18,7 @@ import ufw
 from ufw import cli
 from ufw.config import ConfigError
 from ufw.data import load_corpus
+from ufw.memory import check_fits
 from ufw.results import SWEEP_RECORD, join, read_sweep_record
 from ufw.space import (
     SearchSpace,
@@ -27,6 +28,7 @@ from ufw.space import (
     load_space,
     space_from_dict,
 )
+from ufw.study import study_file
 from ufw.train import members_that_fit
 
 
@@ -51,6 +53,7 @@ class Plan:
     precision: str = "fp32"
     compile: bool = False
     checkpoint_seconds: float = 0.0
+    source_sweep: str | None = None  # the sweep whose configurations this one re-trains
 
     @property
     def sweep_uri(self) -> str:
@@ -59,6 +62,11 @@ class Plan:
     @property
     def experiment_path(self) -> str:
         return join(self.sweep_uri, "ray")
+
+    @property
+    def study_file(self) -> str:
+        """The sweep's Optuna study (a journal file, ufw/study.py)."""
+        return study_file(self.root, self.name)
 
     @property
     def num_trials(self) -> int:
@@ -70,7 +78,8 @@ class Plan:
                 "seeds": self.seeds, "data": self.data, "dataset": self.dataset,
                 "objectives": [[o.metric, o.direction] for o in self.space.objectives],
                 "cpus_per_trial": self.cpus_per_trial, "precision": self.precision,
-                "compile": self.compile, "checkpoint_seconds": self.checkpoint_seconds}
+                "compile": self.compile, "checkpoint_seconds": self.checkpoint_seconds,
+                "source_sweep": self.source_sweep}
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -204,6 +213,9 @@ def make_plan(args) -> Plan:
     if grid and num_samples > space.grid_size:
         raise ConfigError(f"--num-samples: {num_samples} is more than the grid's "
                           f"{space.grid_size} points")
+    if not space.parameters and num_samples > 1 and not args.resume:
+        raise ConfigError(f"parameters: none, so all {num_samples} samples would be the same "
+                          "configuration; give parameters, or --num-samples 1 and --seeds N")
     root = args.results
     if "://" not in root:
         root = os.path.abspath(os.path.expanduser(root))
@@ -221,6 +233,10 @@ def make_plan(args) -> Plan:
     if plan.cohort == "auto" and not plan.resume:
         plan.cohort = auto_cohort(first, corpus, num_samples, plan.seeds, plan.gpus_per_trial,
                                   plan.precision)
+    elif not plan.address:  # a trial's population, on this machine's device
+        members = min(plan.cohort, num_samples) * plan.seeds
+        on_gpu = plan.gpus_per_trial > 0 and torch.cuda.is_available()
+        check_fits(first, corpus.vocab_size, members, "cuda" if on_gpu else "cpu")
     if plan.resume:
         plan.name = plan.name or _latest_sweep(plan)
         if not can_restore(plan.experiment_path):
@@ -228,6 +244,7 @@ def make_plan(args) -> Plan:
         saved = _load_plan(plan)  # the sweep as it was started, whatever the flags say now
         for key in ("num_samples", "cohort", "seeds", "overrides", "data", "dataset"):
             setattr(plan, key, saved[key])
+        plan.source_sweep = saved.get("source_sweep")
         plan.space = space_from_dict(saved["space"])
     else:
         plan.name = plan.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -268,6 +285,7 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
             "num_samples": plan.num_samples, "cohort": plan.cohort, "seeds": plan.seeds,
             "overrides": plan.overrides, "data": plan.data, "dataset": plan.dataset,
             "precision": plan.precision, "compile": plan.compile,
+            "source_sweep": plan.source_sweep,
             "ufw_version": ufw.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

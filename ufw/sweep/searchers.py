@@ -35,11 +35,13 @@ class _CohortSearcher:
     as if one more trial ran at once. `suggest` returns None (Tune asks again shortly) while
     a cohort is still being asked.
 
-    Picklable (the Optuna study lives in memory), so `Tuner.restore` continues the same study.
+    Picklable (an in-memory study travels whole; a study in a journal file as its path), so
+    `Tuner.restore` continues the same study.
     `CohortSearcher` is this on top of ray.tune.search.Searcher (see `__getattr__` below).
     """
 
-    def __init__(self, space: SearchSpace, num_samples: int, cohort: int):
+    def __init__(self, space: SearchSpace, num_samples: int, cohort: int, storage=None,
+                 study_name: str | None = None):
         metrics = [o.metric for o in space.objectives]
         modes = [o.mode for o in space.objectives]
         super().__init__(metric=metrics if len(metrics) > 1 else metrics[0],
@@ -47,7 +49,7 @@ class _CohortSearcher:
         self.space = space
         self.num_samples = num_samples
         self.cohort = cohort
-        self.study = space.create_study()
+        self.study = space.create_study(storage, study_name)  # storage: ufw.study
         self.asked = 0
         self.pending: dict[str, list[int]] = {}  # Ray trial id -> Optuna trial numbers
         # the next cohort: its points and their Optuna trial numbers, once asked
@@ -113,10 +115,13 @@ class _CohortSearcher:
             values = json.loads(result["objective_values"])
         for i, number in enumerate(numbers):
             point = values[i] if values is not None and i < len(values) else None
+            # skip_if_finished: told before a driver was killed, and run again from a checkpoint
             if point is None:
-                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL,
+                                skip_if_finished=True)
             else:
-                self.study.tell(number, point if len(point) > 1 else point[0])
+                self.study.tell(number, point if len(point) > 1 else point[0],
+                                skip_if_finished=True)
 
     def __getstate__(self) -> dict[str, Any]:
         """The state without the asking thread: an ask in flight is finished first."""
@@ -138,8 +143,38 @@ class _CohortSearcher:
 
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
+        self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """Trials a killed driver asked after its last checkpoint are still RUNNING in a study
+        kept in a file; no Ray trial will report them, so close them as failed (TPE ignores
+        failed trials; the dashboard shows them as such) and ask anew."""
+        import optuna
+
+        mine = {n for numbers in self.pending.values() for n in numbers}
+        mine.update(self.ready[1] if self.ready else ())
+        for trial in self.study.get_trials(deepcopy=False,
+                                           states=(optuna.trial.TrialState.RUNNING,)):
+            if trial.number not in mine:
+                self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
-# CohortSearcher: the class above on top of ray.tune.search.Searcher, made on first use.
-__getattr__ = ray_subclasses(globals(), {"CohortSearcher": (_CohortSearcher, "ray.tune.search",
-                                                            "Searcher")})
+class _StudySearch:
+    """Ray Tune's OptunaSearch (cohort 1) on a study kept in a file (ufw/study.py).
+
+    It does not report each epoch to the study as an intermediate value: ufw prunes nothing,
+    every report would take the journal's file lock on the driver thread that serves all
+    trials, and after a driver is killed the file may already hold a trial as finished that
+    Ray runs again from its checkpoint (Optuna refuses to update a finished trial; its final
+    value is told as before, and a second tell is refused and logged by OptunaSearch).
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+
+# CohortSearcher and StudySearch: the classes above on top of Ray's, made on first use.
+__getattr__ = ray_subclasses(globals(), {
+    "CohortSearcher": (_CohortSearcher, "ray.tune.search", "Searcher"),
+    "StudySearch": (_StudySearch, "ray.tune.search.optuna", "OptunaSearch"),
+})

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ufw import tensorfile
+from ufw.config import ConfigError
 from ufw.data import load_corpus
 from ufw.sweep.members import (
     SPEC,
@@ -25,11 +27,12 @@ from ufw.sweep.members import (
     failed_rows,
     point_objectives,
     summary_metrics,
+    sweep_columns,
     trial_points,
 )
 
 HEAVY_KEYS = ("rows", "epoch_rows")  # final-result keys the driver removes once written
-STATE_FILE = "population.pt"
+STATE_FILE = "population.safetensors"
 
 
 def _device() -> tuple[str, str | None]:
@@ -40,7 +43,34 @@ def _device() -> tuple[str, str | None]:
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """Ray Tune function trainable: train the trial's members epoch by epoch, report, resume."""
+    """Ray Tune function trainable: train the trial's members epoch by epoch, report, resume.
+
+    A ConfigError (a teacher or checkpoint that is not a ufw file, a population too large for
+    the device) would fail every retry alike: the trial ends at once, its members recorded
+    as failed with the error, instead of raising for Ray Tune to retry.
+    """
+    try:
+        _train_members(config)
+    except ConfigError as e:
+        _report_failed(config, str(e))
+
+
+def _report_failed(config: dict[str, Any], error: str) -> None:
+    import ray
+    from ray import tune
+
+    spec = config[SPEC]
+    members = expand_members(spec, trial_points(config))
+    rows = failed_rows(spec, members, error, {
+        "trial_id": tune.get_context().get_trial_id(), "node": ray.util.get_node_ip_address(),
+        "node_id": ray.get_runtime_context().get_node_id(), "finished_at": time.time()})
+    values = point_objectives(spec, members, rows)
+    tune.report({**summary_metrics(spec, values), "epoch": 0, "members_running": 0,
+                 "rows": json.dumps(rows), "epoch_rows": "[]",
+                 "objective_values": json.dumps(values)})
+
+
+def _train_members(config: dict[str, Any]) -> None:
     import ray
     from ray import tune
     from ray.tune import Checkpoint
@@ -53,7 +83,7 @@ def run_trial(config: dict[str, Any]) -> None:
     members = expand_members(spec, trial_points(config))
     device, gpu = _device()
     context = ray.get_runtime_context()
-    extra = {"sweep": spec["sweep"], "trial_id": tune.get_context().get_trial_id(),
+    extra = {**sweep_columns(spec), "trial_id": tune.get_context().get_trial_id(),
              "node": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "gpu": gpu,
              "resumed_from_epoch": 0,  # > 0: restarted from a checkpoint of that many epochs
              # where a trial's wall time goes (bench/sweep_throughput.py sums it up)
@@ -78,8 +108,10 @@ def run_trial(config: dict[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device,
-                               weights_only=False)
+            # safetensors + JSON: a checkpoint planted under <results> cannot run code here
+            # (a damaged or foreign one fails the trial, with the reason, and is not retried).
+            state = tensorfile.load(os.path.join(d, STATE_FILE), tensorfile.CHECKPOINT, device,
+                                    what="checkpoint")
         for population, saved in zip(populations, state["populations"]):
             population.load_state_dict(saved)
         epoch_rows = state["epoch_rows"]
@@ -124,8 +156,9 @@ def run_trial(config: dict[str, Any]) -> None:
             return
         last_checkpoint[0] = start
         with tempfile.TemporaryDirectory() as d:
-            torch.save({"populations": [p.state_dict() for p in populations],
-                        "epoch_rows": epoch_rows}, os.path.join(d, STATE_FILE))
+            tensorfile.save(os.path.join(d, STATE_FILE),
+                            {"populations": [p.state_dict() for p in populations],
+                             "epoch_rows": epoch_rows}, tensorfile.CHECKPOINT)
             tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
         extra["report_seconds"] += time.monotonic() - start
 

@@ -1,0 +1,5 @@
+import sys
+
+from ufw.analysis.cli import main
+
+sys.exit(main())
