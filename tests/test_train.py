@@ -221,18 +221,34 @@ def test_checkpoint_resume_gives_the_same_result(corpus):
     assert resumed["epochs_run"] == straight["epochs_run"] == 3
 
 
-def test_train_cli_prints_one_json_row():
-    out = subprocess.run(
+def _reject_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_train_cli_prints_one_json_row_and_progress_on_stderr():
+    proc = subprocess.run(
         [sys.executable, "-m", "ufw.train", "--preset", "asymmetric_best", "--seed", "3",
-         "--train-chars", "6000", "--val-chars", "2000",
+         "--train-chars", "6000", "--val-chars", "2000", "--precision", "fp32",
          "--set", "lr=2e-3",  # YAML 1.1 would read 2e-3 as text
          *[arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]],
-        capture_output=True, text=True, check=True).stdout
-    row = json.loads(out)
+        capture_output=True, text=True, check=True)
+    row = json.loads(proc.stdout, strict=True, parse_constant=_reject_constant)  # no NaN
     assert row["preset"] == "asymmetric_best" and row["seed"] == 3 and row["dim"] == 16
     assert row["lr"] == 2e-3
     assert row["status"] == "completed" and row["best_ppl"] > 1
     assert row["dataset"] == "python-docs"
+    # Lists and objects are JSON values, not JSON text inside a string.
+    assert row["exit_layers"] == [1] and row["exit_thresholds"] == [0.95]
+    assert row["alpha_steps"] == []
+    assert len(row["exit_shares"]) == 2 and sum(row["exit_shares"]) == pytest.approx(1, abs=1e-4)
+    assert isinstance(row["threshold_curve"], list) and len(row["threshold_curve"]) > 2
+    assert {"threshold", "ppl", "compute_cost"} <= row["threshold_curve"][0].keys()
+    # One progress line per epoch run, counted from 1, on stderr.
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(progress) == row["epochs_run"] >= 2
+    for number, line in enumerate(progress, start=1):
+        assert line.startswith(f"epoch {number}/{TINY['max_epochs']}: train loss ")
+        assert "val PPL" in line and "s/epoch" in line and "ETA" in line
 
 
 @pytest.mark.parametrize("args, message", [
@@ -242,6 +258,7 @@ def test_train_cli_prints_one_json_row():
     (["--preset", "lpt", "--data", "imagenet"], "--data: unknown corpus"),
     (["--config", "/no/such.yaml"], "config file /no/such.yaml"),
     (["--preset", "lpt", "--device", "gpu0"], "--device: unknown device 'gpu0'"),
+    (["--preset", "lpt", "--precision", "fp8"], "argument --precision: invalid choice"),
 ])
 def test_train_cli_bad_input_exits_2_without_traceback(args, message):
     proc = subprocess.run([sys.executable, "-m", "ufw.train", *args], capture_output=True,
@@ -321,3 +338,28 @@ def test_threshold_curve_equals_routing_at_each_threshold():
         one = routed_metrics(assign_exits(confs, torch.full((K, E), t)), ce, right, [1, 2], 3)
         for key in ("ppl", "compute_cost", "shallow_ratio"):
             torch.testing.assert_close(curve[key][:, g], one[key], msg=f"{key} at {t}")
+
+
+def test_single_run_equals_its_population_member_at_a_larger_size():
+    """dim 128, 4 layers, fp32: member k of a population trains exactly as K = 1 of config k
+    (batched products over members must not change any member's arithmetic beyond rounding)."""
+    text = python_docs_text()
+    corpus = make_corpus("docs", text[:20000], text[-4000:], batch_size=4, seq_len=32)
+    big = {"dim": 128, "num_layers": 4, "num_heads": 4, "batch_size": 4, "seq_len": 32,
+           "layer_weights": {1: 0.5, 2: 0.2, 4: 0.3}, "exit_layer": 2}
+    configs = [preset("asymmetric_best").with_overrides({**big, "seed": s, "lr": lr})
+               for s, lr in ((1, 1e-3), (2, 3e-3), (3, 5e-4))]
+    together = Population(configs, corpus)
+    alone = [Population([c], corpus) for c in configs]
+    layers = (1, 2, 4)
+    for x, y in list(zip(corpus.train_x, corpus.train_y))[:4]:
+        losses = together.train_step(x, y, layers)
+        for k, single in enumerate(alone):
+            assert single.train_step(x, y, layers)[0].item() == \
+                pytest.approx(losses[k].item(), rel=1e-5)
+    for k, single in enumerate(alone):
+        mine, theirs = together.model.member_state(k), single.model.member_state(0)
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(together.model.member_state(0)["head"],
+                           together.model.member_state(1)["head"])  # members really differ

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ufw.arguments import USER_ERROR, ArgumentParser
-from ufw.config import PRESETS, ConfigError, UniversalConfig, preset
+from ufw.config import PRECISIONS, PRESETS, ConfigError, UniversalConfig, preset
 from ufw.data import Corpus, load_corpus
 from ufw.space import DATA_KEYS
 
@@ -31,6 +31,15 @@ def parser(prog: str, description: str) -> ArgumentParser:
                         "--set max_epochs=2 "
                         "--set layer_weight_1=0.5; repeatable")
     return p
+
+
+def speed_flags(p: argparse.ArgumentParser) -> None:
+    """--precision and --compile, the same for one run (ufw.train) and for a sweep."""
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (exact, default); tf32 or bf16 trade exactness for GPU speed")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training loss (fuses element-wise work; each "
+                        "process compiles once, in its first population)")
 
 
 def preset_names() -> list[str]:

@@ -355,6 +355,9 @@ def _layer_key(field_name: str, key: Any) -> int:
 
 
 _THIRD = 1 / 3
+# Arithmetic precisions of training (ufw.train's Objective explains each).
+PRECISIONS = ("fp32", "tf32", "bf16")
+
 PRESETS: dict[str, UniversalConfig] = {
     "standard_llm": UniversalConfig(layer_weights={1: 0, 2: 0, 3: 1}, routing_threshold=0.0),
     "lpt": UniversalConfig(layer_weights={1: _THIRD, 2: _THIRD, 3: _THIRD}, routing_threshold=0.0),

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ufw import moe
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -103,12 +105,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Inside CUDA graph capture, where the sparse MoE's routing-dependent shapes can't be."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class EarlyExitLM(nn.Module):
     """K members of the same shape; `forward` returns the hidden state after every block."""
 
-    def __init__(self, shape: ModelShape, seeds: list[int]):
+    def __init__(self, shape: ModelShape, seeds: list[int], moe_dispatch: str = "auto"):
         super().__init__()
         self.shape = shape
+        # MoE: "dense" (every expert on every token: the reference), "sparse" (each token to
+        # its top-k experts only), or "auto": sparse where that is cheaper (ufw/moe.py).
+        if moe_dispatch not in ("auto", "dense", "sparse"):
+            raise ValueError(f"moe_dispatch: {moe_dispatch!r}; allowed: auto, dense, sparse")
+        self.moe_dispatch = moe_dispatch
         self.num_members = len(seeds)
         members = [init_member(shape, s) for s in seeds]
         self.params = nn.ParameterDict({
@@ -146,12 +158,19 @@ class EarlyExitLM(nn.Module):
             a = F.silu(torch.bmm(x, self.p(f"{i}.w_gate"))) * torch.bmm(x, self.p(f"{i}.w_up"))
             return torch.bmm(a, self.p(f"{i}.w_down")).view(K, B, T, D), None
         gates, balance = self.expert_gates(x, i)
-        # Every expert runs on every token (tiny models: one batched product beats gathering);
-        # the gates are exactly zero outside each token's top-k, so only those contribute.
-        a = (F.silu(torch.einsum("knd,kedf->kenf", x, self.p(f"{i}.w_gate")))
-             * torch.einsum("knd,kedf->kenf", x, self.p(f"{i}.w_up")))
-        y = torch.einsum("kenf,kefd,kne->knd", a, self.p(f"{i}.w_down"), gates)
+        weights = (self.p(f"{i}.w_gate"), self.p(f"{i}.w_up"), self.p(f"{i}.w_down"))
+        if self.uses_sparse_moe(B * T) and not _capturing(x):
+            y = moe.sparse_experts(x, gates, self.shape.experts_top_k, *weights)
+        else:
+            y = moe.dense_experts(x, gates, *weights)
         return y.view(K, B, T, D), balance
+
+    def uses_sparse_moe(self, num_tokens: int) -> bool:
+        """Whether a batch of `num_tokens` tokens goes to its experts only (ufw/moe.py)."""
+        if self.shape.num_experts == 1 or self.moe_dispatch == "dense":
+            return False
+        return self.moe_dispatch == "sparse" or moe.sparse_is_cheaper(
+            self.shape.num_experts, self.shape.experts_top_k, num_tokens)
 
     def expert_gates(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing of tokens x [K, N, D] in block i: (gates [K, N, E], balance [K]).

@@ -68,6 +68,24 @@ EMPTY_METRICS: dict[str, Any] = {
 }
 
 
+# Columns that hold a list or an object, stored in Parquet as its JSON text.
+JSON_TEXT_COLUMNS = ("alpha_steps", "exit_layers", "exit_thresholds", "exit_shares",
+                     "threshold_curve")
+
+
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row as strict JSON values: the JSON-text columns as real lists and objects,
+    NaN (no best epoch, no alpha schedule) as None."""
+    out = {}
+    for key, value in row.items():
+        if key in JSON_TEXT_COLUMNS and isinstance(value, str):
+            value = json.loads(value)
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        out[key] = value
+    return out
+
+
 def _config_types() -> dict[str, pa.DataType]:
     hints = typing.get_type_hints(UniversalConfig)
     return {f.name: _PY_TO_ARROW[hints[f.name]] for f in dataclasses.fields(UniversalConfig)

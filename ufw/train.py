@@ -27,14 +27,12 @@ import torch.nn.functional as F
 
 import ufw
 from ufw import tensorfile
-from ufw.config import ConfigError, UniversalConfig
+from ufw.config import PRECISIONS, ConfigError, UniversalConfig
 from ufw.data import Corpus
 from ufw.memory import check_fits
 from ufw.model import EarlyExitLM, ModelShape, is_confidence_head, layer_of
-from ufw.results import EMPTY_METRICS
+from ufw.results import EMPTY_METRICS, json_row
 from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
-
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class Objective:
@@ -310,7 +308,7 @@ class Population:
 
     def __init__(self, configs: list[UniversalConfig], corpus: Corpus,
                  device: str | torch.device = "cpu", cuda_graphs: bool | None = None,
-                 compile: bool = False, precision: str = "fp32"):
+                 compile: bool = False, precision: str = "fp32", moe_dispatch: str = "auto"):
         if not configs:
             raise ConfigError("population: needs at least one configuration")
         shapes = {c.shape_key for c in configs}
@@ -322,14 +320,19 @@ class Population:
         check_fits(configs[0], corpus.vocab_size, len(configs), self.device)  # before allocating
         self.corpus = corpus.to(self.device)
         self.shape = ModelShape.of(configs[0], corpus.vocab_size)
-        self.model = EarlyExitLM(self.shape, [c.seed for c in configs]).to(self.device)
+        self.model = EarlyExitLM(self.shape, [c.seed for c in configs],
+                                 moe_dispatch).to(self.device)
         teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab)
         self.objective = Objective(self.configs, self.device, teacher, precision)
         self.optimizer = PopulationAdamW(self.model, self.configs)
         # On a GPU a seed-scale epoch is thousands of tiny kernel launches: capture the whole
         # epoch once as a CUDA graph and replay it (one launch per epoch). The graph reads
         # its per-epoch inputs from these fixed buffers.
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # The sparse MoE's shapes follow the routing, which a graph cannot: it runs eager.
+        if cuda_graphs is None:
+            tokens = configs[0].batch_size * configs[0].seq_len
+            cuda_graphs = self.device.type == "cuda" and not self.model.uses_sparse_moe(tokens)
+        self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         # Compiling fuses the loss's element-wise work (norms, rotary, GLU, cross-entropy).
         self._loss = torch.compile(self.objective.loss) if compile else self.objective.loss
@@ -546,9 +549,10 @@ def members_that_fit(config: UniversalConfig, corpus: Corpus, device: str = "cud
 
 def train(configs: list[UniversalConfig], corpus: Corpus, device: str = "cpu",
           on_epoch: Callable[[Population, list[dict]], None] | None = None,
-          state: dict | None = None) -> list[dict[str, Any]]:
+          state: dict | None = None, precision: str = "fp32",
+          compile: bool = False) -> list[dict[str, Any]]:
     """Train a population to the end; `on_epoch` sees each epoch's rows (report, checkpoint)."""
-    population = Population(configs, corpus, device)
+    population = Population(configs, corpus, device, compile=compile, precision=precision)
     if state is not None:
         population.load_state_dict(state)
     while not population.finished:
@@ -675,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="random seed (initialisation); with --from: "
                                                  "which seed of the row (default: its first)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    cli.speed_flags(parser)
     args = parser.parse_args(argv)
     if (args.results is None) != (args.config_id is None):
         parser.error("--from and --config-id go together")
@@ -694,16 +699,26 @@ def main(argv: list[str] | None = None) -> int:
             config = cli.config_from_args(args)
         corpus = cli.corpus_from_args(args, config, data)
         # Still a user error while training starts: a teacher of another vocabulary.
-        row = train([config], corpus, device)[0]
+        row = train([config], corpus, device, on_epoch=print_progress,
+                    precision=args.precision, compile=args.compile)[0]
     row["preset"] = preset
     if again is not None and again.row.get("best_ppl") and again.config.seed == again.row["seed"]:
         before = again.row["best_ppl"]
         print(f"note: best_ppl {row['best_ppl']:.6f}, the row's {before:.6f} (relative "
               f"difference {abs(row['best_ppl'] - before) / before:.1e})", file=sys.stderr)
-    # Strict JSON: NaN (no best epoch, no alpha schedule) becomes null.
-    row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-    print(json.dumps(row))
+    print(json.dumps(json_row(row), allow_nan=False))
     return 0
+
+
+def print_progress(population: Population, rows: list[dict[str, Any]]) -> None:
+    """One line per epoch on stderr (stdout is the JSON row): a long run shows it is alive."""
+    for row in rows:
+        left = population.max_epochs - row["epoch"]
+        member = f" member {row['member']}" if len(population.configs) > 1 else ""
+        print(f"epoch {row['epoch']}/{population.max_epochs}{member}: train loss "
+              f"{row['train_loss']:.4f}, val PPL {row['val_ppl']:.3f}, "
+              f"{row['epoch_seconds']:.1f} s/epoch, ETA {left * row['epoch_seconds']:.0f} s",
+              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from ufw.space import (
     space_from_dict,
 )
 from ufw.study import study_file
-from ufw.train import PRECISIONS, members_that_fit
+from ufw.train import members_that_fit
 
 
 @dataclass
@@ -109,11 +109,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--name", help="sweep name (default: SPACE's name and the time)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep (--name, or the latest of SPACE)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (exact, default); tf32 or bf16 trade exactness for GPU speed")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training loss (fuses element-wise work; each "
-                        "worker compiles once, in its first trial)")
+    cli.speed_flags(p)
     p.add_argument("--checkpoint-seconds", type=float, default=0.0,
                    help="checkpoint a trial, and report its progress to Ray, at most this "
                         "often (0: every epoch); a large population's checkpoint is hundreds "
