@@ -213,7 +213,7 @@ def make_plan(args) -> Plan:
     if grid and num_samples > space.grid_size:
         raise ConfigError(f"--num-samples: {num_samples} is more than the grid's "
                           f"{space.grid_size} points")
-    if not space.parameters and num_samples > 1 and not args.resume:
+    if not (space.parameters or space.points) and num_samples > 1 and not args.resume:
         raise ConfigError(f"parameters: none, so all {num_samples} samples would be the same "
                           "configuration; give parameters, or --num-samples 1 and --seeds N")
     root = args.results
