@@ -17,11 +17,10 @@ __all__ = ["PRESETS", "AlphaSchedule", "UniversalConfig", "UniversalTrainer", "_
 def __getattr__(name: str) -> Any:
     """`ufw.UniversalTrainer`, imported on first use (PEP 562).
 
-    Importing ufw.train here would put it in sys.modules before `python -m ufw.train` runs it
-    as __main__, and runpy would warn on every run that the module was imported twice.
+    It loads torch, which `import ufw` (configurations, presets) does not need.
     """
     if name == "UniversalTrainer":
-        from ufw.train import UniversalTrainer
+        from ufw.trainer import UniversalTrainer
 
         return UniversalTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,8 +6,9 @@ weights per epoch, AdamW with per-member, per-layer learning rates, per-member g
 clipping, routed evaluation, and early stopping per member. A member that stops is frozen
 (its learning rate becomes 0) and keeps its best metrics.
 
-`UniversalTrainer` keeps the seed framework's API (`create_optimizer`, `train_epoch`,
-`evaluate`) for one model on top of the same loss and evaluation code.
+The loss and evaluation live in ufw.objective, the optimizer in ufw.optimizer, the teacher
+in ufw.teacher; `UniversalTrainer` (the seed framework's single-model API) in ufw.trainer.
+They are importable from here too, as before.
 
 Run `python -m ufw.train --preset asymmetric_best` for one run printed as a JSON row.
 """
@@ -23,249 +24,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import ufw
 from ufw import tensorfile
-from ufw.config import PRECISIONS, ConfigError, UniversalConfig
+from ufw.config import ConfigError, UniversalConfig
 from ufw.data import Corpus
 from ufw.memory import check_fits
-from ufw.model import EarlyExitLM, ModelShape, is_confidence_head, layer_of
+from ufw.model import EarlyExitLM, ModelShape
+from ufw.objective import Objective, active_layers, distillation_kl
+from ufw.optimizer import PopulationAdamW, clip_groups
 from ufw.results import EMPTY_METRICS, json_row
-from ufw.routing import THRESHOLD_GRID, assign_exits, confidence, routed_metrics, threshold_curve
+from ufw.routing import THRESHOLD_GRID
+from ufw.teacher import load_teacher
+from ufw.trainer import UniversalTrainer
 
-
-class Objective:
-    """Per-member loss and evaluation, for configurations that share one model shape."""
-
-    def __init__(self, configs: list[UniversalConfig], device: str | torch.device = "cpu",
-                 teacher: EarlyExitLM | None = None, precision: str = "fp32"):
-        def per_member(values):
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        self.configs = configs
-        self.num_layers = configs[0].num_layers
-        self.exits = configs[0].exits
-        self.thresholds = per_member([c.thresholds for c in configs])  # [K, E]
-        self.distill_alpha = per_member([c.distillation_alpha for c in configs])
-        self.temperature = per_member([c.distillation_temperature for c in configs])
-        self.distill = any(c.distillation_alpha < 1 for c in configs)
-        self.conf_weight = per_member([c.confidence_loss_weight for c in configs])
-        self.moe_weight = per_member([c.moe_aux_weight for c in configs])
-        self.methods = sorted({c.confidence_method for c in configs})
-        self.method_index = torch.tensor([self.methods.index(c.confidence_method)
-                                          for c in configs], device=device)
-        self.teacher = teacher
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision: {precision!r}; allowed: {', '.join(PRECISIONS)}")
-        # fp32 is exact and the default. tf32 rounds matrix-product inputs to 10 mantissa
-        # bits on tensor cores; bf16 also runs the forward pass in bfloat16 (autocast), with
-        # fp32 master weights, optimizer and losses. Both trade exactness for GPU speed.
-        self.device_type = torch.device(device).type
-        self.bf16 = precision == "bf16"
-        # Process-wide switches: set both ways, so an fp32 run after a bf16 one is exact again.
-        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
-        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16)
-
-    def layer_weights(self, epoch: int) -> torch.Tensor:
-        """[K, L] loss weight of every layer for every member at this epoch."""
-        rows = []
-        for c in self.configs:
-            w = c.get_layer_weights(epoch, c.max_epochs)
-            rows.append([w[i] for i in range(1, self.num_layers + 1)])
-        return torch.tensor(rows, dtype=torch.float32, device=self.thresholds.device)
-
-    def loss(self, model: EarlyExitLM, x: torch.Tensor, y: torch.Tensor,
-             weights: torch.Tensor, active_layers: list[int]) -> torch.Tensor:
-        with self.autocast():
-            return self._loss(model, x, y, weights, active_layers)
-
-    def _loss(self, model: EarlyExitLM, x: torch.Tensor, y: torch.Tensor,
-              weights: torch.Tensor, active_layers: list[int]) -> torch.Tensor:
-        """Per-member training loss [K]: sum_i w_i * L_i, plus the extensions' terms.
-
-        Only `active_layers` (those some member weighs > 0) pay for head and CE, so a
-        standard LM costs one head, as the framework specifies.
-        """
-        K = model.num_members
-        learned = model.shape.learned_confidence
-        needed = sorted(set(active_layers) | (set(self.exits) if learned else set()))
-        self_distill = self.distill and self.teacher is None
-        hidden, balance = model(x, upto=self.num_layers if self_distill else max(needed))
-        targets = y.reshape(1, -1).expand(K, -1)
-        teacher_logits = self._teacher_logits(model, hidden, x) if self.distill else None
-        total = torch.zeros(K, device=x.device)
-        for i in needed:
-            logits = model.logits(hidden[i - 1])
-            if i in active_layers:
-                term = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                       reduction="none").view(K, -1).mean(-1)
-                # The final exit is its own teacher under self-distillation: task loss only.
-                if teacher_logits is not None and (i < self.num_layers or self.teacher is not None):
-                    a = self.distill_alpha
-                    kl = distillation_kl(teacher_logits, logits, self.temperature)
-                    term = a * term + (1 - a) * kl
-                total = total + weights[:, i - 1] * term
-            if learned and i in self.exits:
-                # The head learns to read the exit's state, not to reshape it: detached input.
-                conf = model.confidence_logit(hidden[i - 1].detach(), i)
-                right = (logits.detach().argmax(-1) == targets).float()
-                bce = F.binary_cross_entropy_with_logits(conf, right, reduction="none").mean(-1)
-                total = total + self.conf_weight * bce
-        if balance is not None:
-            total = total + self.moe_weight * balance
-        return total
-
-    def _teacher_logits(self, model, hidden, x) -> torch.Tensor:
-        """The teacher's logits, without gradient: the model's own final exit or a saved model's."""
-        if self.teacher is None:
-            return model.logits(hidden[-1]).detach()
-        with torch.no_grad():
-            return self.teacher.logits(self.teacher(x)[0][-1])
-
-    @torch.no_grad()
-    def evaluate(self, model: EarlyExitLM, batches) -> dict[str, torch.Tensor]:
-        """Routed metrics per member, plus the threshold curve, from one pass over `batches`."""
-        confs, ces, rights = [], [], []
-        with self.autocast():
-            for x, y in batches:
-                hidden, _ = model(x)
-                targets = y.reshape(1, -1).expand(model.num_members, -1)
-                conf_b, ce_b, right_b = [], [], []
-                for i in [*self.exits, self.num_layers]:
-                    logits = model.logits(hidden[i - 1]).float()
-                    ce_b.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                                reduction="none").view(targets.shape))
-                    right_b.append(logits.argmax(-1) == targets)
-                    if i != self.num_layers:
-                        conf_b.append(self._confidence(model, hidden[i - 1], logits, i))
-                confs.append(torch.stack(conf_b))
-                ces.append(torch.stack(ce_b))
-                rights.append(torch.stack(right_b))
-        conf, ce, right = torch.cat(confs, -1), torch.cat(ces, -1), torch.cat(rights, -1)
-        stats = routed_metrics(assign_exits(conf, self.thresholds), ce, right, self.exits,
-                               self.num_layers, model.shape.experts_top_k)
-        curve = threshold_curve(conf, ce, right, self.exits, self.num_layers)
-        stats.update({f"curve_{k}": v for k, v in curve.items()})
-        return stats
-
-    def _confidence(self, model, h, logits, exit_layer) -> torch.Tensor:
-        """Each member's own confidence measure: [K, N]."""
-        per_method = []
-        for method in self.methods:
-            if method == "learned":
-                per_method.append(torch.sigmoid(model.confidence_logit(h, exit_layer)))
-            else:
-                per_method.append(confidence(logits, method))
-        stacked = torch.stack(per_method)  # [M, K, N]
-        return stacked.gather(0, self.method_index[None, :, None].expand(1, *stacked.shape[1:]))[0]
-
-
-def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
-                    temperature: torch.Tensor | float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) of the distributions softened by T, per member.
-
-    Logits [K, N, V] (a teacher with K = 1 serves every member); temperature a number or [K].
-    Mean over the N tokens of sum_v p_t(v) (log p_t(v) - log p_s(v)), times T^2 so that the
-    gradient keeps its scale across temperatures (Hinton et al., 2015). Returns [K].
-    """
-    T = torch.as_tensor(temperature, dtype=torch.float32, device=student_logits.device)
-    T = T.reshape(-1, 1, 1) if T.dim() else T
-    teacher_logp = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    student_logp = F.log_softmax(student_logits.float() / T, dim=-1)
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean(-1)
-    return kl * T.reshape(-1) ** 2
-
-
-def active_layers(weights: torch.Tensor) -> list[int]:
-    """Layers (1-indexed) that any member weighs > 0 at this epoch."""
-    return [i + 1 for i in torch.nonzero(weights.cpu().amax(0) > 0).flatten().tolist()]
-
-
-def clip_groups(model: EarlyExitLM) -> list[list[torch.Tensor]]:
-    """Parameters whose gradients are clipped together: the language model, and (if any) the
-    learned confidence heads. Their loss reaches the heads only (detached input), so a shared
-    gradient norm would be its one way to rescale the language model's step."""
-    named = model.named_member_params()
-    groups = [[p for n, p in named if not is_confidence_head(n)],
-              [p for n, p in named if is_confidence_head(n)]]
-    return [g for g in groups if g]
-
-
-class PopulationAdamW:
-    """AdamW (torch's defaults and update rule) whose learning rate is per member and layer.
-
-    Its arithmetic is torch.optim.AdamW's: the scalars that torch computes in double
-    precision on the host (1 - lr * weight_decay, lr / (1 - beta1^t), sqrt(1 - beta2^t))
-    are computed in float64 here too, and rounded to fp32 once, so that the updates equal
-    torch's (tested to 1e-7 over 100 steps). Frozen members get learning rate 0 and no
-    weight decay: their parameters stay exactly as they were.
-    """
-
-    def __init__(self, model: EarlyExitLM, configs: list[UniversalConfig],
-                 betas=(0.9, 0.999), eps: float = 1e-8):
-        device = next(model.parameters()).device
-        self.params = [p for _, p in model.named_member_params()]
-        self.clip_groups = clip_groups(model)
-        per_param_lrs = [[c.lr * (c.lr_scale(layer) if layer else 1.0) for c in configs]
-                         for layer in (layer_of(n) for n, _ in model.named_member_params())]
-        self.lrs = [torch.tensor(lrs, dtype=torch.float64, device=device) for lrs in per_param_lrs]
-        self.decays = [torch.tensor([1 - lr * c.weight_decay for lr, c in zip(lrs, configs)],
-                                    device=device) for lrs in per_param_lrs]
-        self.grad_clip = torch.tensor([c.grad_clip for c in configs], device=device)
-        self.betas, self.eps = betas, eps
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        # float64: beta2^t in fp32 starts from 0.999 rounded up, which makes 1 - beta2^t
-        # 1.3e-5 too small and every update ~1e-5 too small.
-        self.steps = torch.zeros((), dtype=torch.float64, device=device)
-
-    def clip_(self) -> None:
-        """Clip each member's gradient to its own global norm (0 disables clipping).
-
-        Per clip group (see `clip_groups`): learned confidence heads are clipped apart.
-        """
-        for group in self.clip_groups:
-            grads = [p.grad for p in group if p.grad is not None]
-            if not grads:
-                continue
-            norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
-            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            coef = torch.where(self.grad_clip > 0, coef, torch.ones_like(coef))
-            for g in grads:
-                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
-
-    @torch.no_grad()
-    def step(self, active: torch.Tensor) -> None:
-        """One AdamW step; `active` [K] is 1 for members that train, 0 for frozen ones."""
-        # The step count lives on the device, so a step has no host sync and no Python
-        # number that changes from step to step (which would defeat graph capture).
-        self.steps += 1
-        b1, b2 = self.betas
-        bias1 = 1 - b1 ** self.steps  # float64, as torch's host arithmetic
-        bias2_sqrt = (1 - b2 ** self.steps).sqrt().float()
-        running = active > 0
-        for p, m, v, lr, decay in zip(self.params, self.m, self.v, self.lrs, self.decays):
-            if p.grad is None:  # a block above every weighted exit: untouched, as torch's
-                continue        # AdamW leaves a parameter without a gradient
-            shape = (-1, *[1] * (p.dim() - 1))
-            step_size = ((lr / bias1).float() * active).view(shape)
-            p.mul_(torch.where(running, decay, 1.0).view(shape))
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.sub_(step_size * m / (v.sqrt() / bias2_sqrt + self.eps))
-            p.grad = None
-
-    def state_dict(self) -> dict:
-        return {"m": self.m, "v": self.v, "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        for mine, saved in zip(self.m + self.v, state["m"] + state["v"]):
-            mine.copy_(saved)
-        self.steps.copy_(state["steps"])
+# Importable from here as before the split (tests, benchmarks, notebooks use these names).
+__all__ = ["MemberRecord", "Objective", "Population", "PopulationAdamW", "UniversalTrainer",
+           "active_layers", "clip_groups", "device_name", "distillation_kl", "load_teacher",
+           "main", "members_that_fit", "print_progress", "train"]
 
 
 @dataclass
@@ -490,39 +266,6 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-def load_teacher(path: str, device: torch.device, vocab_size: int,
-                 vocab: list[str] | None = None) -> EarlyExitLM | None:
-    """A saved ufw model (see `Population.save_member`) as a frozen teacher; None for 'self'.
-
-    Its vocabulary must be the student's: the same size, and the same symbols where known.
-    """
-    if path == "self":
-        return None
-    saved = tensorfile.load(path, tensorfile.MODEL, what="teacher")
-    try:
-        # The teacher's own teacher is history, not needed (nor, perhaps, still on disk).
-        config = UniversalConfig.from_dict({**saved["config"], "teacher": "self"})
-        saved_vocab_size = int(saved["vocab_size"])
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"teacher {path}: not a complete ufw model ({e})") from None
-    if saved_vocab_size != vocab_size or (vocab and saved.get("vocab", vocab) != vocab):
-        raise ConfigError(f"teacher: {path} was trained on another vocabulary "
-                          f"({saved_vocab_size} symbols; this corpus has {vocab_size})")
-    teacher = EarlyExitLM(ModelShape.of(config, vocab_size), [config.seed])
-    try:
-        with torch.no_grad():
-            for name, p in teacher.named_member_params():
-                p.copy_(saved["state"][name][None])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ConfigError(f"teacher {path}: its parameters do not match its configuration "
-                          f"({_first_line(e)})") from None
-    return teacher.to(device).eval().requires_grad_(False)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def members_that_fit(config: UniversalConfig, corpus: Corpus, device: str = "cuda",
                      memory_fraction: float = 1.0, precision: str = "fp32",
                      probe_members: int = 8, limit: int = 1024) -> int:
@@ -560,108 +303,6 @@ def train(configs: list[UniversalConfig], corpus: Corpus, device: str = "cpu",
         if on_epoch is not None:
             on_epoch(population, rows)
     return population.results()
-
-
-class UniversalTrainer:
-    """The framework's single-model API, on ufw's loss and evaluation.
-
-    Same methods, arguments and return shapes as the framework's `UniversalTrainer`, so a
-    script written for it runs on ufw by changing its imports:
-
-        trainer = UniversalTrainer(config, vocab_size, device)
-        model = trainer.create_model()                  # ufw's addition: the seed model
-        optimizer = trainer.create_optimizer(model, base_lr=1e-3)
-        for epoch in range(max_epochs):                 # epochs counted from 0, as there
-            loss, weights = trainer.train_epoch(model, train_batches, optimizer, 1.0,
-                                                epoch=epoch, max_epochs=max_epochs)
-            stats = trainer.evaluate(model, val_batches)  # ppl, acc, shallow_ratio, compute_cost
-
-    One deliberate difference: `grad_clip=0` means no clipping (torch's clip_grad_norm_ with
-    max_norm 0, which the framework calls unconditionally, would zero every gradient).
-    """
-
-    def __init__(self, config: UniversalConfig, vocab_size: int, device: str = "cpu"):
-        self.config = config.validate()
-        self.vocab_size = vocab_size
-        self.device = torch.device(device)
-        teacher = load_teacher(config.teacher, self.device, vocab_size)
-        self.objective = Objective([config], self.device, teacher)
-        # The alpha schedule's position, as the framework keeps it (set by train_epoch).
-        self.current_epoch = 0
-        self.max_epochs = 1
-
-    def set_training_state(self, epoch: int, max_epochs: int) -> None:
-        """Where training is (epoch counted from 0), for the alpha schedule."""
-        self.current_epoch, self.max_epochs = epoch, max_epochs
-
-    def get_current_weights(self) -> dict[int, float]:
-        """Loss weight of every layer at the current training state."""
-        return self.config.get_layer_weights(self.current_epoch, self.max_epochs)
-
-    def create_model(self) -> EarlyExitLM:
-        """The configuration's model (K = 1), initialised from `config.seed`."""
-        shape = ModelShape.of(self.config, self.vocab_size)
-        return EarlyExitLM(shape, [self.config.seed]).to(self.device)
-
-    def create_optimizer(self, model: EarlyExitLM,
-                         base_lr: float | None = None) -> torch.optim.AdamW:
-        """AdamW with a group per block (`layer_i`, base_lr * its scale), then `other`
-        (embedding, head) at base_lr. base_lr None means `config.lr`."""
-        base_lr = self.config.lr if base_lr is None else base_lr
-        groups: dict[int | None, list] = {}
-        for name, p in model.named_member_params():
-            groups.setdefault(layer_of(name), []).append(p)
-        blocks_first = sorted(groups, key=lambda layer: math.inf if layer is None else layer)
-        return torch.optim.AdamW(
-            [{"params": groups[layer], "name": f"layer_{layer}" if layer else "other",
-              "lr": base_lr * (self.config.lr_scale(layer) if layer else 1.0)}
-             for layer in blocks_first],
-            lr=base_lr, weight_decay=self.config.weight_decay)
-
-    def compute_loss(self, model: EarlyExitLM, x: torch.Tensor, y: torch.Tensor,
-                     weights: dict[int, float] | None = None) -> torch.Tensor:
-        """sum_i w_i * L_i (plus the extensions' terms) as a scalar.
-
-        `weights` ({layer: weight}) overrides the current training state's; layers without
-        a positive weight cost nothing, and if none has one the final layer trains alone.
-        """
-        weights = self.get_current_weights() if weights is None else weights
-        layers = range(1, self.config.num_layers + 1)
-        row = torch.tensor([[float(weights.get(i, 0.0)) for i in layers]], device=self.device)
-        if not (row > 0).any():
-            row[0, -1] = 1.0
-        return self.objective.loss(model, x, y, row, active_layers(row)).sum()
-
-    def train_epoch(self, model: EarlyExitLM, train_batches, optimizer: torch.optim.Optimizer,
-                    grad_clip: float = 1.0, epoch: int = 0,
-                    max_epochs: int = 1) -> tuple[float, dict[int, float]]:
-        """One pass over `train_batches`; returns (mean loss, the layer weights used).
-
-        `epoch` counts from 0 and with `max_epochs` places the alpha schedule; `grad_clip`
-        is the gradient norm's limit, 0 for none.
-        """
-        model.train()
-        self.set_training_state(epoch, max_epochs)
-        weights = self.get_current_weights()
-        total, count = 0.0, 0
-        for x, y in train_batches:
-            optimizer.zero_grad()
-            loss = self.compute_loss(model, x.to(self.device), y.to(self.device), weights)
-            loss.backward()
-            if grad_clip > 0:
-                for group in clip_groups(model):
-                    torch.nn.utils.clip_grad_norm_(group, grad_clip)
-            optimizer.step()
-            total, count = total + loss.item(), count + 1
-        return total / max(1, count), weights
-
-    @torch.no_grad()
-    def evaluate(self, model: EarlyExitLM, val_batches) -> dict[str, float]:
-        """Routed validation metrics: ppl, acc, shallow_ratio, compute_cost."""
-        model.eval()
-        batches = [(x.to(self.device), y.to(self.device)) for x, y in val_batches]
-        stats = self.objective.evaluate(model, batches)
-        return {k: float(stats[k][0]) for k in ("ppl", "acc", "shallow_ratio", "compute_cost")}
 
 
 def main(argv: list[str] | None = None) -> int:

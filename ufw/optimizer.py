@@ -1,0 +1,93 @@
+"""The population's optimizer: AdamW with per-member, per-layer learning rates and
+per-member gradient clipping."""
+
+from __future__ import annotations
+
+import torch
+
+from ufw.config import UniversalConfig
+from ufw.model import EarlyExitLM, is_confidence_head, layer_of
+
+
+def clip_groups(model: EarlyExitLM) -> list[list[torch.Tensor]]:
+    """Parameters whose gradients are clipped together: the language model, and (if any) the
+    learned confidence heads. Their loss reaches the heads only (detached input), so a shared
+    gradient norm would be its one way to rescale the language model's step."""
+    named = model.named_member_params()
+    groups = [[p for n, p in named if not is_confidence_head(n)],
+              [p for n, p in named if is_confidence_head(n)]]
+    return [g for g in groups if g]
+
+
+class PopulationAdamW:
+    """AdamW (torch's defaults and update rule) whose learning rate is per member and layer.
+
+    Its arithmetic is torch.optim.AdamW's: the scalars that torch computes in double
+    precision on the host (1 - lr * weight_decay, lr / (1 - beta1^t), sqrt(1 - beta2^t))
+    are computed in float64 here too, and rounded to fp32 once, so that the updates equal
+    torch's (tested to 1e-7 over 100 steps). Frozen members get learning rate 0 and no
+    weight decay: their parameters stay exactly as they were.
+    """
+
+    def __init__(self, model: EarlyExitLM, configs: list[UniversalConfig],
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        device = next(model.parameters()).device
+        self.params = [p for _, p in model.named_member_params()]
+        self.clip_groups = clip_groups(model)
+        per_param_lrs = [[c.lr * (c.lr_scale(layer) if layer else 1.0) for c in configs]
+                         for layer in (layer_of(n) for n, _ in model.named_member_params())]
+        self.lrs = [torch.tensor(lrs, dtype=torch.float64, device=device) for lrs in per_param_lrs]
+        self.decays = [torch.tensor([1 - lr * c.weight_decay for lr, c in zip(lrs, configs)],
+                                    device=device) for lrs in per_param_lrs]
+        self.grad_clip = torch.tensor([c.grad_clip for c in configs], device=device)
+        self.betas, self.eps = betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        # float64: beta2^t in fp32 starts from 0.999 rounded up, which makes 1 - beta2^t
+        # 1.3e-5 too small and every update ~1e-5 too small.
+        self.steps = torch.zeros((), dtype=torch.float64, device=device)
+
+    def clip_(self) -> None:
+        """Clip each member's gradient to its own global norm (0 disables clipping).
+
+        Per clip group (see `clip_groups`): learned confidence heads are clipped apart.
+        """
+        for group in self.clip_groups:
+            grads = [p.grad for p in group if p.grad is not None]
+            if not grads:
+                continue
+            norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            coef = torch.where(self.grad_clip > 0, coef, torch.ones_like(coef))
+            for g in grads:
+                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        """One AdamW step; `active` [K] is 1 for members that train, 0 for frozen ones."""
+        # The step count lives on the device, so a step has no host sync and no Python
+        # number that changes from step to step (which would defeat graph capture).
+        self.steps += 1
+        b1, b2 = self.betas
+        bias1 = 1 - b1 ** self.steps  # float64, as torch's host arithmetic
+        bias2_sqrt = (1 - b2 ** self.steps).sqrt().float()
+        running = active > 0
+        for p, m, v, lr, decay in zip(self.params, self.m, self.v, self.lrs, self.decays):
+            if p.grad is None:  # a block above every weighted exit: untouched, as torch's
+                continue        # AdamW leaves a parameter without a gradient
+            shape = (-1, *[1] * (p.dim() - 1))
+            step_size = ((lr / bias1).float() * active).view(shape)
+            p.mul_(torch.where(running, decay, 1.0).view(shape))
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.sub_(step_size * m / (v.sqrt() / bias2_sqrt + self.eps))
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for mine, saved in zip(self.m + self.v, state["m"] + state["v"]):
+            mine.copy_(saved)
+        self.steps.copy_(state["steps"])
+
