@@ -63,7 +63,7 @@ class Objective:
         tensors = (self.thresholds, self.distill_alpha, self.temperature, self.conf_weight,
                    self.moe_weight, self.method_index)
         for tensor, value in zip(tensors, self._member_values(config)):
-            tensor[k] = torch.as_tensor(value, dtype=tensor.dtype)
+            tensor[k].copy_(torch.as_tensor(value, dtype=tensor.dtype))
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16)
