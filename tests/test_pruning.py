@@ -172,3 +172,38 @@ def test_cohort_1_uses_ray_tunes_asha_scheduler(ray_local, tiny_space, tmp_path)
     assert (frame.loc[frame["status"] == "pruned", "epochs_run"] < 6).all()
     states = [t.state.name for t in load_study(str(results / "r" / "study.journal")).trials]
     assert states.count("PRUNED") == (frame["status"] == "pruned").sum()
+
+
+@pytest.mark.slow
+def test_pruned_sweep_killed_and_resumed_keeps_every_configuration_once(ray_local, tiny_space,
+                                                                        tmp_path):
+    """SIGKILL of the driver mid-trial and as a part is written, then --resume: pruning
+    decisions already taken stand, and each of the 12 configurations has one row."""
+    from test_faults import Driver, count
+
+    results, name = tmp_path / "results", "pk"
+    space = tiny_space(PRUNED_SPACE, max_epochs=6, patience=6)
+    base = [str(space), "--results", str(results), "--address", ray_local, "--name", name,
+            "--cohort", "3", "--pruner", "asha"]
+    driver = Driver(*base, "--num-samples", "12")
+    driver.wait_for(lambda: any((results / name / "ray").glob("*/checkpoint_*")))
+    assert driver.kill()
+    driver.finish()
+    driver = Driver(*base, "--resume")
+    driver.wait_for(lambda: count(results, name, "epochs") > 0)
+    driver.kill()
+    driver.finish()
+    driver = Driver(*base, "--resume")
+    assert driver.finish() == 0, driver.output
+    frame = pd.read_parquet(results / name / "trials")
+    assert len(frame) == 12 and frame["config_id"].is_unique, frame[["config_id", "status"]]
+    assert frame["optuna_number"].is_unique
+    assert set(frame["status"]) <= {"completed", "pruned"}
+    study = load_study(str(results / name / "study.journal"))
+    states = {t.number: t.state.name for t in study.trials}
+    for number, status in zip(frame["optuna_number"], frame["status"]):
+        assert states[int(number)] == {"pruned": "PRUNED", "completed": "COMPLETE"}[status]
+    # Everything else the study holds was asked after a checkpoint and lost with a driver:
+    # closed as an orphan, not trained, not counted.
+    others = [t for t in study.trials if t.number not in set(frame["optuna_number"])]
+    assert all(t.state.name == "FAIL" and t.user_attrs.get(ORPHAN) for t in others)
