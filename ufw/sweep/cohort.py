@@ -32,6 +32,7 @@ class Cohort:
         self.points: list[dict[str, Any]] = []
         self.numbers: list[int | None] = []  # each point's Optuna trial number
         self.members: list[Member] = []
+        self.by_point: list[list[Member]] = []  # each point's members (its seeds)
         self.populations: list = []
         self.slots: dict[int, tuple[int, int]] = {}  # member index -> (population, slot)
         self.rows: dict[int, dict[str, Any]] = {}  # rows of members that left their slots
@@ -51,10 +52,7 @@ class Cohort:
             first = len(self.points)
             self.points.append(values)
             self.numbers.append(number)
-            members = expand_members(self.spec, [values])
-            for m in members:
-                m.index, m.point = len(self.members), first
-                self.members.append(m)
+            members = self._members_of(values, first)
             configs = [m.config for m in members]
             if any(c is None for c in configs):
                 self.ended_at[first] = time.time()  # never trains: failed rows at the end
@@ -76,12 +74,20 @@ class Cohort:
             for k, m in enumerate(group):
                 self.slots[m.index] = (len(self.populations) - 1, k)
 
+    def _members_of(self, values: dict[str, Any], point: int) -> list[Member]:
+        members = expand_members(self.spec, [values])
+        for m in members:
+            m.index, m.point = len(self.members), point
+            self.members.append(m)
+        self.by_point.append(members)
+        return members
+
     def _retire(self, g: int, k: int) -> None:
         """Keep the row of the member leaving slot k of population g."""
-        for index, place in list(self.slots.items()):
-            if place == (g, k):
-                self.rows[index] = self._slot_rows()[(g, k)]
-                del self.slots[index]
+        index = next((i for i, place in self.slots.items() if place == (g, k)), None)
+        if index is not None:
+            self.rows[index] = self._slot_rows()[(g, k)]
+            del self.slots[index]
         self._current = None
 
     # ------------------------------------------------------------------ training
@@ -106,8 +112,8 @@ class Cohort:
 
     def _mark_ended(self) -> None:
         now = time.time()
-        for point in range(len(self.points)):
-            if point not in self.ended_at and not any(
+        for point in self.running_points():
+            if not any(
                     self.status(m.index) == "running" for m in self.point_members(point)):
                 self.ended_at[point] = now
 
@@ -118,7 +124,7 @@ class Cohort:
         return self.rows[index]["status"] if index in self.rows else "failed"
 
     def point_members(self, point: int) -> list[Member]:
-        return [m for m in self.members if m.point == point]
+        return self.by_point[point]
 
     def running_points(self) -> list[int]:
         """Points with a member still training."""
@@ -211,13 +217,11 @@ class Cohort:
                 "told": sorted(self.told), "pruned": sorted(self.pruned)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.points, self.numbers, self.members = [], [], []
+        self.points, self.numbers, self.members, self.by_point = [], [], [], []
         for values, number in zip(state["points"], state["numbers"]):
             self.points.append(values)
             self.numbers.append(number)
-            for m in expand_members(self.spec, [values]):
-                m.index, m.point = len(self.members), len(self.points) - 1
-                self.members.append(m)
+            self._members_of(values, len(self.points) - 1)
         self.populations = []
         for configs, saved in zip(state["configs"], state["populations"]):
             population = self.make_population([UniversalConfig.from_dict(c) for c in configs])

@@ -110,7 +110,8 @@ def _train_members(config: dict[str, Any]) -> None:
     service = find_service(spec["sweep"]) if any(n is not None for n in numbers) else None
     pruning = service is not None and spec.get("pruning", {}).get("pruner", "none") != "none"
     epoch_rows: list[dict[str, Any]] = []
-    exhausted = False  # the study has no configuration left for a refill
+    refill = Refill(service, trial_id)
+    nothing_left = False  # the study has no configuration left for a refill
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -119,13 +120,15 @@ def _train_members(config: dict[str, Any]) -> None:
             state = tensorfile.load(os.path.join(d, STATE_FILE), tensorfile.CHECKPOINT, device,
                                     what="checkpoint")
         cohort.load_state_dict(state["cohort"])
-        epoch_rows, exhausted = state["epoch_rows"], state["exhausted"]
+        epoch_rows, refill.exhausted = state["epoch_rows"], state["exhausted"]
+        refill.spare = [tuple(p) for p in state["spare"]]
         # Retried (a failure, a lost node) or resumed: how many epochs the checkpoint held.
         extra["resumed_from_epoch"] = max((p.epoch for p in cohort.populations), default=0)
     else:
         cohort.add(trial_points(config), numbers)
     if service is not None:  # what it holds now; refills asked after its checkpoint: orphans
-        ray.get(service.hold.remote(trial_id, [n for n in cohort.numbers if n is not None]))
+        held = [n for n in cohort.numbers if n is not None] + [n for n, _ in refill.spare]
+        ray.get(service.hold.remote(trial_id, held))
 
     last_checkpoint = [time.monotonic()]
     report_rows = spec.get("report_rows", False)  # Ray Tune's scheduler may stop it any epoch
@@ -155,7 +158,8 @@ def _train_members(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             tensorfile.save(os.path.join(d, STATE_FILE),
                             {"cohort": cohort.state_dict(), "epoch_rows": epoch_rows,
-                             "exhausted": exhausted}, tensorfile.CHECKPOINT)
+                             "exhausted": refill.exhausted, "spare": refill.spare},
+                            tensorfile.CHECKPOINT)
             tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
         extra["report_seconds"] += time.monotonic() - start
 
@@ -178,17 +182,55 @@ def _train_members(config: dict[str, Any]) -> None:
             if told:  # the study learns each result as soon as it is known
                 ray.get(service.tell.remote([(cohort.numbers[p], v) for p, v in told.items()]))
                 cohort.told.update(told)
-            free = cohort.free_slots() if pruning and not exhausted else []
-            if free:  # freed slots train new configurations: the population keeps its size
-                asked = ray.get(service.ask.remote(len(free), trial_id))
-                exhausted = len(asked) < len(free)
-                cohort.add([values for _, values in asked], [n for n, _ in asked], free)
-        if cohort.finished and (exhausted or not pruning or not cohort.free_slots()):
+            if pruning:  # freed slots train new configurations: the population keeps its size
+                nothing_left = refill.fill(cohort)
+        if cohort.finished and (nothing_left or not pruning):
             break
         report(final=False)
     report(final=True)
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+class Refill:
+    """New configurations for a trial's freed slots, asked from the study actor one epoch
+    ahead: asking is slow in a large study (TPE: tens of ms per configuration after a few
+    thousand), and a population waiting on it would leave its GPU idle. As many are asked
+    for the next epoch as slots freed in this one; only a shortfall is asked and waited for.
+    The spare configurations are this trial's (they travel in its checkpoint)."""
+
+    def __init__(self, service, holder: str):
+        self.service, self.holder = service, holder
+        self.spare: list[tuple[int, dict[str, Any]]] = []  # (Optuna number, sampled values)
+        self.asking = None  # (object ref, how many) of the ask for the next epoch
+        self.exhausted = False
+
+    def fill(self, cohort: Cohort) -> bool:
+        """Refill `cohort`'s free slots; returns True once the study has nothing left."""
+        import ray
+
+        free = cohort.free_slots()
+        if self.asking is not None and (free or self.exhausted
+                                        or ray.wait([self.asking[0]], timeout=0)[0]):
+            self._take(*self.asking)
+            self.asking = None
+        if len(self.spare) < len(free) and not self.exhausted:
+            wanted = len(free) - len(self.spare)
+            self._take(self.service.ask.remote(wanted, self.holder), wanted)
+        placed, self.spare = self.spare[:len(free)], self.spare[len(free):]
+        if placed:
+            cohort.add([values for _, values in placed], [n for n, _ in placed],
+                       free[:len(placed)])
+        if free and self.asking is None and not self.exhausted:
+            self.asking = (self.service.ask.remote(len(free), self.holder), len(free))
+        return self.exhausted and not self.spare and self.asking is None
+
+    def _take(self, ref, wanted: int) -> None:
+        import ray
+
+        asked = [tuple(p) for p in ray.get(ref)]
+        self.spare.extend(asked)
+        self.exhausted = self.exhausted or len(asked) < wanted
 
 
 def trial_dirname(trial) -> str:
