@@ -85,7 +85,8 @@ def make_tuner(plan: Plan):
                                        sampler=space.make_sampler(), storage=storage,
                                        study_name=plan.name)
     else:  # explicit points are handed out by the cohort searcher (see SearchSpace.points)
-        search = searchers.CohortSearcher(space, plan.name, plan.cohort)
+        search = searchers.CohortSearcher(space, plan.name, plan.cohort,
+                                          ask_ahead=plan.pruning["pruner"] == "none")
     # max_concurrent_trials also sets how many trials Ray keeps pending (not just 1).
     concurrency = _concurrency(plan)
     sweep_callback = callback.SweepCallback(spec, plan.root, plan.num_trials)
