@@ -94,7 +94,7 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
                    dataset=spec.get("dataset"))
         row.update(**sweep_columns(spec), trial_id=None, preset=m.preset,
                    seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None,
-                   resumed_from_epoch=0, **TRIAL_TIMES)
+                   resumed_from_epoch=0, **TRIAL_TIMES, ended_at=math.nan, optuna_number=None)
         row.update(extra or {})
         rows.append(row)
     return rows
