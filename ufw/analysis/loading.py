@@ -145,14 +145,14 @@ def left_out(trials: pd.DataFrame) -> dict[str, int]:
     importance leave these out (completed()), and say so with left_out_note()."""
     require(trials, ("status", "best_ppl"), "trials", "the frame")
     key = trials["config_id"] if "config_id" in trials.columns else pd.Series(trials.index)
-    finished = set(key[(trials["status"] == "completed") & trials["best_ppl"].notna()])
-    counts: dict[str, int] = {}
-    for config, statuses in trials["status"].groupby(key.to_numpy(), sort=False, dropna=False):
-        if config in finished:
-            continue
-        why = "pruned" if (statuses == "pruned").any() else str(statuses.iloc[0])
-        counts[why] = counts.get(why, 0) + 1
-    return counts
+    key = key.astype(str).to_numpy()  # one label per configuration, null ones included
+    status = trials["status"].to_numpy()
+    finished = (status == "completed") & trials["best_ppl"].notna().to_numpy()
+    unfinished = ~pd.Series(key).isin(set(key[finished])).to_numpy()
+    pruned = set(key[unfinished & (status == "pruned")])
+    why = pd.Series(status[unfinished], index=key[unfinished]).groupby(level=0).first()
+    why[why.index.isin(pruned)] = "pruned"
+    return {str(k): int(v) for k, v in why.value_counts().items()}
 
 
 def left_out_note(counts: dict[str, int]) -> str | None:
