@@ -33,6 +33,7 @@ Writes bench/results/time_to_target_<device>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import subprocess
@@ -168,6 +169,18 @@ def reference_data_flags() -> list[str]:
     return ["--data", "python-docs", "--train-chars", "100000", "--val-chars", "10000"]
 
 
+def save_run(run: SweepRun, where: Path, name: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    run.trials.to_parquet(where / f"{name}_trials.parquet")
+    (where / f"{name}_launch.json").write_text(json.dumps(
+        {"launched_at": run.launched_at, "wall_seconds": run.wall_seconds, "gpus": run.gpus}))
+
+
+def load_run(where: Path, name: str) -> SweepRun:
+    launch = json.loads((where / f"{name}_launch.json").read_text())
+    return SweepRun(pd.read_parquet(where / f"{name}_trials.parquet"), **launch)
+
+
 def run_sweep(command: list[str], results: Path, name: str, gpus: float) -> SweepRun:
     """Run one sweep to its end and read its rows (exits, naming it, if the sweep fails)."""
     launched_at, start = time.time(), time.perf_counter()
@@ -194,6 +207,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a tiny CPU run (16 configurations, 20k characters) to check this")
     parser.add_argument("--out", help="record name in bench/results")
+    parser.add_argument("--runs", default="none,asha",
+                        help="which sweeps to run here (none, asha or both); the others are "
+                             "read from --runs-dir, where each run is also saved")
+    parser.add_argument("--runs-dir", type=Path,
+                        help="keep each run as <name>_trials.parquet + <name>_launch.json "
+                             "here, so the two sweeps can run as separate jobs")
     argv = sys.argv[1:]
     args = parser.parse_args([*QUICK, "--gpus", "0", "--gpus-per-trial", "0", *argv]
                              if "--quick" in argv else argv)
@@ -206,8 +225,17 @@ def main() -> None:
     commands = {"none": [*common, "--name", "none", "--pruner", "none"],
                 "asha": [*common, "--name", "asha", "--pruner", "asha",
                          *shlex.split(args.pruner_args)]}
-    runs = {name: run_sweep(command, results, name, args.gpus)
-            for name, command in commands.items()}
+    runs = {}
+    for name, command in commands.items():
+        if name in args.runs.split(","):
+            runs[name] = run_sweep(command, results, name, args.gpus)
+            if args.runs_dir:
+                save_run(runs[name], args.runs_dir, name)
+        elif args.runs_dir:
+            runs[name] = load_run(args.runs_dir, name)
+    if len(runs) < 2:
+        print(f"ran {', '.join(runs)}; compare once both runs are in --runs-dir")
+        return
     record = {"device": device_label("cuda" if args.gpus else "cpu"), "gpus": args.gpus,
               "sampler_seed": seed, "num_samples": args.num_samples, "cohort": args.cohort,
               "gpu_seconds_counted_as": "wall seconds since the sweep's launch x GPUs given "
