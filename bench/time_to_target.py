@@ -226,12 +226,12 @@ def main() -> None:
                 "asha": [*common, "--name", "asha", "--pruner", "asha",
                          *shlex.split(args.pruner_args)]}
     runs = {}
-    for name, command in commands.items():
-        if name in args.runs.split(","):
-            runs[name] = run_sweep(command, results, name, args.gpus)
-            if args.runs_dir:
-                save_run(runs[name], args.runs_dir, name)
-        elif args.runs_dir:
+    for name in args.runs.split(","):
+        runs[name] = run_sweep(commands[name], results, name, args.gpus)
+        if args.runs_dir:
+            save_run(runs[name], args.runs_dir, name)
+    for name in set(commands) - set(runs):
+        if args.runs_dir and (args.runs_dir / f"{name}_launch.json").exists():
             runs[name] = load_run(args.runs_dir, name)
     if len(runs) < 2:
         print(f"ran {', '.join(runs)}; compare once both runs are in --runs-dir")
