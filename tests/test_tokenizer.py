@@ -181,9 +181,43 @@ def test_train_cli_with_bpe_prints_tokenizer_and_bits_per_character(tmp_path):
          "--train-file", str(tmp_path / "train.txt"), "--val-file", str(tmp_path / "val.txt"),
          *[arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]],
         capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "UFW_CACHE": str(tmp_path / "cache")})
+        env={**os.environ, "PYTHONPATH": str(ROOT), "UFW_CACHE": str(tmp_path / "cache"),
+             "OMP_NUM_THREADS": "1"})  # a busy 2-core machine: threads only contend
     row = json.loads(proc.stdout)
     assert row["tokenizer"] == "bpe:300" and 256 < row["vocab_size"] <= 300
     assert row["status"] == "completed" and row["best_ppl"] > 1
     assert 0 < row["best_bpc"] < math.log2(row["best_ppl"])  # a token covers > 1 character
     assert list((tmp_path / "cache" / "tokenizers").glob("bpe-300-*.json"))
+
+
+@pytest.mark.slow  # a real Ray sweep: about 30 s on 2 cores
+def test_a_sweep_trains_on_the_tokens_of_its_space_and_re_trains_on_them(ray_local, tmp_path,
+                                                                         capsys):
+    """The data section's tokenizer reaches the trials (which load the tokenizer from the
+    cache or train it themselves: Ray's workers use their own UFW_CACHE), their rows,
+    sweep.json, and `ufw.train --from`."""
+    from ufw import sweep, train
+    from ufw.results import SWEEP_RECORD, read_epochs, read_trials
+
+    fixed = ", ".join(f"{k}: {v}" for k, v in {**TINY, "max_epochs": 2}.items())
+    space = tmp_path / "space.yaml"
+    space.write_text(f"fixed: {{{fixed}}}\n"
+                     "data: {train_chars: 12000, val_chars: 3000, tokenizer: bpe:300}\n"
+                     "parameters:\n  lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    results = tmp_path / "results"
+    assert sweep.main([str(space), "--results", str(results), "--name", "t",
+                       "--num-samples", "1"]) == 0
+    rows = read_trials(str(results / "t"))
+    row = rows.iloc[0]
+    assert (row["tokenizer"], row["status"]) == ("bpe:300", "completed")
+    assert 256 < row["vocab_size"] <= 300 and 0 < row["best_bpc"] < math.log2(row["best_ppl"])
+    epochs = read_epochs(str(results / "t"))
+    best = epochs[epochs["epoch"] == row["best_epoch"]].iloc[0]
+    assert best["val_bpc"] == pytest.approx(row["best_bpc"], rel=1e-9)
+    record = json.loads((results / "t" / SWEEP_RECORD).read_text())
+    assert record["data"]["tokenizer"] == "bpe:300"
+    capsys.readouterr()
+    assert train.main(["--from", str(results / "t"), "--config-id", row["config_id"]]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["tokenizer"], again["vocab_size"]) == ("bpe:300", row["vocab_size"])
+    assert again["best_ppl"] == pytest.approx(row["best_ppl"], rel=1e-4)
