@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class Encoded:
     """
 
     ids: list[int]
-    ends: list[int]
+    ends: Sequence[int]
 
     def chars_between(self, first: int, last: int) -> int:
         """Characters covered by symbols first .. last (inclusive), first >= 1."""
@@ -67,7 +68,8 @@ class CharTokenizer:
         self._index = {ch: i for i, ch in enumerate(self.vocab)}
 
     def encode(self, text: str) -> Encoded:
-        return Encoded([self._index[ch] for ch in text], list(range(1, len(text) + 1)))
+        # Character i ends at i + 1: a range says so without a list as long as the text.
+        return Encoded([self._index[ch] for ch in text], range(1, len(text) + 1))
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
