@@ -23,6 +23,7 @@ from ufw.tokenizer import BpeTokenizer, parse_tokenizer
 from ufw.train import Population
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"dim": 16, "num_heads": 2, "batch_size": 4, "seq_len": 16, "max_epochs": 1}
 # Unicode beyond one byte, tabs, runs of spaces and newlines: what a byte-level BPE must keep.
 AWKWARD = "naïve café — 日本語\tx  \n\n   y\r\n€ and 🙂 end "
@@ -221,3 +222,17 @@ def test_a_sweep_trains_on_the_tokens_of_its_space_and_re_trains_on_them(ray_loc
     again = json.loads(capsys.readouterr().out)
     assert (again["tokenizer"], again["vocab_size"]) == ("bpe:300", row["vocab_size"])
     assert again["best_ppl"] == pytest.approx(row["best_ppl"], rel=1e-4)
+
+
+def test_analysis_takes_the_new_columns_for_metrics_and_provenance_not_parameters():
+    import pandas as pd
+
+    from ufw.analysis import config_means, swept_columns
+
+    trials = pd.DataFrame({
+        "config_id": ["a", "a", "b"], "seed": [0, 1, 0], "status": ["completed"] * 3,
+        "lr": [1e-3, 1e-3, 2e-3], "best_ppl": [4.0, 5.0, 6.0], "best_bpc": [2.0, 2.5, 3.0],
+        "tokenizer": ["bpe:300"] * 3, "vocab_size": [299, 299, 300]})
+    assert swept_columns(trials) == ["lr"]
+    means = config_means(trials).set_index("config_id")
+    assert means.loc["a", "best_bpc"] == 2.25
