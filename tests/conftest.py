@@ -59,3 +59,15 @@ def tiny_space(write_space):
                            + textwrap.dedent(body), name)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Train in this process as a sweep's trials do (one CPU each): on a busy 2-core machine
+    two threads per process make a tiny model many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

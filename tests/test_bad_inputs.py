@@ -76,6 +76,7 @@ FILES: dict[str, str | bytes] = {
     "space_teacher.yaml": OK_SPACE.replace("seq_len: 32}", "seq_len: 32, teacher: notes.pt}"),
     "space_epochs.yaml": OK_SPACE.replace("max_epochs: 1", "max_epochs: 1000000000"),
     "space_data.yaml": OK_SPACE + "data: {data: nope}\n",
+    "space_tokenizer.yaml": OK_SPACE + "data: {tokenizer: bpe:100}\n",
     "ok.yaml": OK_SPACE,
     "results_file": "a file, not a directory\n",
 }
@@ -141,6 +142,11 @@ CASES = [
     Case("--data unknown", T, ["--preset", "lpt", "--data", "nope"], "unknown corpus"),
     Case("--data wikitext2:missing", T, ["--preset", "lpt", "--data", "wikitext2:nope"],
          "no such directory"),
+    Case("--tokenizer bpe:0", T, [*TRAIN, "--tokenizer", "bpe:0"], "N must be an integer"),
+    Case("--tokenizer bpe:abc", T, [*TRAIN, "--tokenizer", "bpe:abc"], "N must be an integer"),
+    Case("--tokenizer bpe:256 (bytes, no merge)", T, [*TRAIN, "--tokenizer", "bpe:256"],
+         ">= 257"),
+    Case("--tokenizer unknown kind", T, [*TRAIN, "--tokenizer", "word"], "unknown 'word'"),
     # ------------------------------------------------------------------ ufw.sweep
     Case("space missing", S, ["nope.yaml"], "No such file"),
     Case("space empty", S, ["space_empty.yaml"], "the file is empty"),
@@ -164,6 +170,8 @@ CASES = [
     Case("fixed teacher not a ufw model", S, ["space_teacher.yaml"], "teacher"),
     Case("fixed max_epochs=1000000000", S, ["space_epochs.yaml"], "max_epochs"),
     Case("space data unknown", S, ["space_data.yaml"], "unknown corpus"),
+    Case("space data tokenizer too small", S, ["space_tokenizer.yaml"], "data.tokenizer"),
+    Case("--tokenizer unknown kind", S, ["ok.yaml", "--tokenizer", "bpe"], "--tokenizer"),
     Case("--num-samples 0", S, ["ok.yaml", "--num-samples", "0"], "--num-samples"),
     Case("--cohort 0", S, ["ok.yaml", "--cohort", "0"], "--cohort"),
     Case("--cohort text", S, ["ok.yaml", "--cohort", "many"], "--cohort"),

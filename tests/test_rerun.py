@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from ufw import sweep, train
 from ufw.results import read_trials
@@ -48,14 +47,7 @@ def swept(ray_local, tmp_path_factory):
     return directory, read_trials(str(directory)), out.getvalue()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train as the sweep's trials did (one CPU each); on a busy 2-core machine two threads
-    per process also make a tiny model ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rerun(capsys, *args: str) -> tuple[dict, str]:

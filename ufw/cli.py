@@ -16,6 +16,7 @@ from ufw.arguments import USER_ERROR, ArgumentParser
 from ufw.config import PRECISIONS, PRESETS, ConfigError, UniversalConfig, preset
 from ufw.data import Corpus, load_corpus
 from ufw.space import DATA_KEYS
+from ufw.tokenizer import parse_tokenizer
 
 
 def parser(prog: str, description: str) -> ArgumentParser:
@@ -26,6 +27,9 @@ def parser(prog: str, description: str) -> ArgumentParser:
     data.add_argument("--val-file", help="any UTF-8 text file to validate on")
     data.add_argument("--train-chars", type=int, help="use the first N training characters")
     data.add_argument("--val-chars", type=int, help="use the first N validation characters")
+    data.add_argument("--tokenizer", help="char (default: every character a symbol) or bpe:N "
+                                          "(byte-level BPE of N symbols, learnt from the "
+                                          "training text and cached)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a knob (YAML syntax; names: docs/knobs.md), e.g. "
                         "--set max_epochs=2 "
@@ -87,7 +91,7 @@ def data_flags(args: argparse.Namespace, base: dict[str, Any] | None = None) -> 
         if value is not None:
             if flag in ("train_chars", "val_chars") and value < 1:
                 raise ConfigError(f"--{flag.replace('_', '-')}: must be a positive integer")
-            data[flag] = value
+            data[flag] = parse_tokenizer(value) if flag == "tokenizer" else value
     data.setdefault("data", "python-docs")
     return data
 

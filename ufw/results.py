@@ -52,6 +52,8 @@ RESULT_TYPES: dict[str, pa.DataType] = {
     "threshold_curve": pa.string(), "epochs_run": pa.int64(), "train_seconds": pa.float64(),
     "status": pa.string(), "error": pa.string(), "ufw_version": pa.string(),
     "torch_version": pa.string(), "device": pa.string(), "dataset": pa.string(),
+    "tokenizer": pa.string(), "vocab_size": pa.int64(), "best_bpc": pa.float64(),
+    "val_bpc": pa.float64(),
     "node": pa.string(), "node_id": pa.string(), "gpu": pa.string(),
     "started_at": pa.float64(), "finished_at": pa.float64(), "setup_seconds": pa.float64(),
     "ended_at": pa.float64(), "optuna_number": pa.int64(),
@@ -63,9 +65,9 @@ _PREFIX_TYPES = {"layer_weight_": pa.float64(), "lr_scale_": pa.float64()}
 
 # The metric columns of a trials row, as a member that never finished an epoch has them.
 EMPTY_METRICS: dict[str, Any] = {
-    "best_ppl": math.nan, "best_epoch": -1, "acc": math.nan, "shallow_ratio": math.nan,
-    "compute_cost": math.nan, "expert_ffns_per_token": math.nan, "exit_shares": "[]",
-    "threshold_curve": "[]", "epochs_run": 0, "train_seconds": 0.0,
+    "best_ppl": math.nan, "best_bpc": math.nan, "best_epoch": -1, "acc": math.nan,
+    "shallow_ratio": math.nan, "compute_cost": math.nan, "expert_ffns_per_token": math.nan,
+    "exit_shares": "[]", "threshold_curve": "[]", "epochs_run": 0, "train_seconds": 0.0,
 }
 
 

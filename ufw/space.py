@@ -8,7 +8,8 @@ A search space (see `search_spaces/*.yaml` and docs/sweep.md) has these top-leve
                  each with an optional `condition: {other_parameter: value or [values]}`
     objectives:  [{metric: best_ppl, direction: minimize}, ...]   (1 or 2 entries)
     defaults:    num_samples, cohort, seeds, max_concurrent
-    data:        data, train_file, val_file, train_chars, val_chars (the data flags)
+    data:        data, train_file, val_file, train_chars, val_chars, tokenizer (the data
+                 flags): one corpus, and so one vocabulary, for the whole sweep
     sampler:     tpe | random | grid | nsga2, or {type: ..., seed: N, population_size: N}
     points:      instead of parameters, a list of explicit configurations (mappings of config
                  keys), each trained once x seeds (ufw.confirm writes such spaces)
@@ -50,6 +51,7 @@ from ufw.config import (
     knob_field,
     parse_steps,
 )
+from ufw.tokenizer import parse_tokenizer
 
 TOP_LEVEL_KEYS = ("description", "fixed", "parameters", "objectives", "defaults", "data",
                   "sampler", "points")
@@ -65,7 +67,7 @@ DEFAULT_KEYS = ("num_samples", "cohort", "seeds", "max_concurrent")
 # num_samples None: 8, or the whole grid with sampler grid.
 DEFAULTS = {"num_samples": None, "cohort": 1, "seeds": 1, "max_concurrent": None}
 POINT = "point"  # the study parameter of a space of explicit points: the point's index
-DATA_KEYS = ("data", "train_file", "val_file", "train_chars", "val_chars")
+DATA_KEYS = ("data", "train_file", "val_file", "train_chars", "val_chars", "tokenizer")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 SAMPLER_KEYS = ("type", "seed", "population_size", "n_startup_trials")
 MAPPING_FIELDS = ("layer_weights", "layer_lr_scales", "exit_thresholds")
@@ -638,6 +640,8 @@ def _parse_data(raw: Any) -> dict[str, Any]:
                 raise ConfigError(f"data.{key}: must be a positive integer, got {value!r}")
         elif value is not None and not isinstance(value, str):
             raise ConfigError(f"data.{key}: must be text, got {value!r}")
+        elif key == "tokenizer" and value is not None:
+            value = parse_tokenizer(value, "data.tokenizer")
         data[key] = value
     return data
 

@@ -7,13 +7,16 @@ import torch
 from ufw import tensorfile
 from ufw.config import ConfigError, UniversalConfig
 from ufw.model import EarlyExitLM, ModelShape
+from ufw.tokenizer import CHAR
 
 
 def load_teacher(path: str, device: torch.device, vocab_size: int,
-                 vocab: list[str] | None = None) -> EarlyExitLM | None:
+                 vocab: list[str] | None = None,
+                 tokenizer: str | None = None) -> EarlyExitLM | None:
     """A saved ufw model (see `Population.save_member`) as a frozen teacher; None for 'self'.
 
-    Its vocabulary must be the student's: the same size, and the same symbols where known.
+    Its vocabulary must be the student's: the same size, and the same tokenizer and symbols
+    where known (a model saved before tokenizers were recorded is a character model).
     """
     if path == "self":
         return None
@@ -24,6 +27,10 @@ def load_teacher(path: str, device: torch.device, vocab_size: int,
         saved_vocab_size = int(saved["vocab_size"])
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"teacher {path}: not a complete ufw model ({e})") from None
+    saved_tokenizer = saved.get("tokenizer", CHAR)
+    if tokenizer is not None and saved_tokenizer != tokenizer:
+        raise ConfigError(f"teacher: {path} was trained with tokenizer {saved_tokenizer}; "
+                          f"this corpus uses {tokenizer}")
     if saved_vocab_size != vocab_size or (vocab and saved.get("vocab", vocab) != vocab):
         raise ConfigError(f"teacher: {path} was trained on another vocabulary "
                           f"({saved_vocab_size} symbols; this corpus has {vocab_size})")

@@ -100,7 +100,8 @@ class Population:
         self.shape = ModelShape.of(configs[0], corpus.vocab_size)
         self.model = EarlyExitLM(self.shape, [c.seed for c in configs],
                                  moe_dispatch).to(self.device)
-        teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab)
+        teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab,
+                               corpus.tokenizer)
         self.objective = Objective(self.configs, self.device, teacher, precision)
         self.optimizer = PopulationAdamW(self.model, self.configs)
         # On a GPU a seed-scale epoch is thousands of tiny kernel launches: capture the whole
@@ -249,7 +250,8 @@ class Population:
             epoch = self.epochs[k]  # counted from 0, as the alpha schedule takes it
             number = epoch + 1  # what users see: epochs counted from 1
             rows.append({"member": k, "epoch": number, "train_loss": train_loss[k],
-                         "val_ppl": ppl, "acc": stats["acc"][k],
+                         "val_ppl": ppl, "val_bpc": self.corpus.bits_per_char(ppl),
+                         "acc": stats["acc"][k],
                          "shallow_ratio": stats["shallow_ratio"][k],
                          "compute_cost": stats["compute_cost"][k],
                          "alpha": config.get_layer_weights(epoch)[config.exits[0]],
@@ -272,9 +274,11 @@ class Population:
                        train_seconds=member.train_seconds, status=member.status,
                        error=member.error, ufw_version=ufw.__version__,
                        torch_version=torch.__version__, device=device_name(self.device),
-                       dataset=self.corpus.name)
+                       dataset=self.corpus.name, tokenizer=self.corpus.tokenizer,
+                       vocab_size=self.corpus.vocab_size)
             if member.best_epoch >= 1:
-                row.update(best_ppl=member.best_ppl, best_epoch=member.best_epoch)
+                row.update(best_ppl=member.best_ppl, best_epoch=member.best_epoch,
+                           best_bpc=self.corpus.bits_per_char(member.best_ppl))
             rows.append(row)
         return rows
 
@@ -311,6 +315,7 @@ class Population:
         """
         tensorfile.save(path, {"config": self.configs[k].to_dict(),
                                "vocab_size": self.corpus.vocab_size, "vocab": self.corpus.vocab,
+                               "tokenizer": self.corpus.tokenizer,
                                "state": self.model.member_state(k)}, tensorfile.MODEL)
 
 

@@ -22,15 +22,16 @@ from ufw.config import PRESETS, UniversalConfig
 # sweep's record does not say what it varied, every other column that varies is a parameter.
 NON_PARAM_COLUMNS = frozenset({
     "sweep", "trial_id", "member", "seed", "preset", "config_id", "source_sweep",
-    "best_ppl", "best_epoch", "acc", "shallow_ratio", "compute_cost", "epochs_run",
+    "best_ppl", "best_bpc", "best_epoch", "acc", "shallow_ratio", "compute_cost", "epochs_run",
     "train_seconds", "status", "error", "threshold_curve", "expert_ffns_per_token",
-    "exit_shares", "ufw_version", "torch_version", "device", "dataset",
+    "exit_shares", "ufw_version", "torch_version", "device", "dataset", "tokenizer",
+    "vocab_size",
     # where and how a row was trained, not what was configured
     "cohort_size", "node", "node_id", "gpu", "resumed_from_epoch", "started_at",
     "finished_at", "setup_seconds", "report_seconds", "precision",
 })
-METRIC_COLUMNS = ("best_ppl", "best_epoch", "acc", "shallow_ratio", "compute_cost",
-                  "epochs_run", "train_seconds")
+METRIC_COLUMNS = ("best_ppl", "best_bpc", "best_epoch", "acc", "shallow_ratio",
+                  "compute_cost", "epochs_run", "train_seconds")
 PER_ROW_COLUMNS = ("trial_id", "member", "seed", "status", "error", "threshold_curve")
 ALPHA_COLUMNS = ("schedule", "alpha_start", "alpha_end", "alpha_steps")
 # per-layer families: column prefix -> short name in labels

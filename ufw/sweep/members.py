@@ -20,6 +20,7 @@ import ufw
 from ufw.config import ConfigError, UniversalConfig
 from ufw.results import EMPTY_METRICS
 from ufw.space import Objective, build_config, parameter_column
+from ufw.tokenizer import CHAR
 
 # Unix times of a trial's start and end, its set-up before the first epoch, and the time it
 # waited on Ray for its progress reports and checkpoints (NaN: unknown).
@@ -91,7 +92,8 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
         row.update(member=m.index, cohort_size=len(members), **EMPTY_METRICS,
                    status="failed", error=m.error or error, ufw_version=ufw.__version__,
                    torch_version=str(torch.__version__), device=None,
-                   dataset=spec.get("dataset"))
+                   dataset=spec.get("dataset"),
+                   tokenizer=(spec.get("data") or {}).get("tokenizer", CHAR), vocab_size=None)
         row.update(**sweep_columns(spec), trial_id=None, preset=m.preset,
                    seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None,
                    resumed_from_epoch=0, **TRIAL_TIMES, ended_at=math.nan, optuna_number=None)
