@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from ufw.results import ResultsWriter, join, read_trials
+from ufw.sweep import out_of_space
 from ufw.sweep.lazy_ray import ray_subclasses
 from ufw.sweep.members import expand_members, failed_rows, trial_points
 from ufw.sweep.trainable import HEAVY_KEYS
@@ -87,19 +88,39 @@ class _SweepCallback:
         self._write(trial, rows, epoch_rows, error)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._stop_if_out_of_space(trial)
         print(f"[{self.spec['sweep']}] trial {trial.trial_id} raised "
               f"({trial_error(trial)}); retrying from its last checkpoint",
               flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._stop_if_out_of_space(trial)
         error = trial_error(trial)
         members = expand_members(self.spec, trial_points(trial.config))
         location = getattr(getattr(trial, "temporary_state", None), "location", None)
         extra = {"trial_id": trial.trial_id, "node": getattr(location, "hostname", None)}
         self._write(trial, failed_rows(self.spec, members, error, extra), [], error)
 
+    def _stop_if_out_of_space(self, trial) -> None:
+        """A trial that could not save its checkpoint for lack of space did nothing wrong:
+        stop the sweep (Ray resumes the trial from its last checkpoint on --resume) rather
+        than retry it against a full disk or record it failed."""
+        why = out_of_space.reason(trial_error(trial))
+        if why:
+            raise out_of_space.OutOfSpace(f"a checkpoint of trial {trial.trial_id}",
+                                          join(self.writer.root, self.spec["sweep"], "ray"),
+                                          why)
+
     def _write(self, trial, rows, epoch_rows, error: str | None) -> None:
-        self.writer.write(trial.trial_id, rows, epoch_rows)
+        try:
+            self.writer.write(trial.trial_id, rows, epoch_rows)
+        except OSError as e:
+            why = out_of_space.reason(e)
+            if why:
+                raise out_of_space.OutOfSpace(f"the Parquet parts of trial {trial.trial_id}",
+                                              join(self.writer.root, self.spec["sweep"]),
+                                              why) from e
+            raise
         # The parts hold the rows now: keep Ray's experiment state small.
         with contextlib.suppress(Exception):
             trial.run_metadata.last_result = {k: v for k, v in trial.last_result.items()

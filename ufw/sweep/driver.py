@@ -16,7 +16,7 @@ from ufw.rerun import rerun_command
 from ufw.results import ResultsWriter, join, read_epochs, read_trials
 from ufw.space import Objective, parameter_column
 from ufw.study import journal_storage
-from ufw.sweep import callback, searchers
+from ufw.sweep import callback, out_of_space, searchers
 from ufw.sweep.callback import error_line
 from ufw.sweep.lock import SweepLock
 from ufw.sweep.members import SPEC, expand_members, failed_rows, trial_points
@@ -215,17 +215,35 @@ def run(plan: Plan) -> int:
         return _run_locked(plan, lock)
     except KeyboardInterrupt:  # Ctrl-C before Tune runs (during Ray's start); Tune handles
         # it itself while trials run, and the summary then says how to resume
-        print(f"[{plan.name}] interrupted; continue it with: python -m ufw.sweep "
-              f"{plan.space_path} --resume --name {plan.name} --results {plan.root}",
+        print(f"[{plan.name}] interrupted; continue it with: {resume_command(plan)}",
               file=sys.stderr, flush=True)
         return 130
+    except Exception as e:
+        why = out_of_space.reason(e)
+        if not why:
+            raise
+        stopped = out_of_space.find(e)
+        what = (f"{stopped.what} under {stopped.where}" if stopped else
+                f"under {plan.sweep_uri}")
+        print(f"[{plan.name}] out of space: cannot write {what} ({why}); everything "
+              f"written before is intact: free space and resume with: {resume_command(plan)}",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         lock.release()
 
 
+def resume_command(plan: Plan) -> str:
+    return (f"python -m ufw.sweep {plan.space_path} --resume --name {plan.name} "
+            f"--results {plan.root}")
+
+
 def _run_locked(plan: Plan, lock: SweepLock) -> int:
+    if not plan.resume:  # before Ray starts: a full or unwritable disk stops it here
+        with cli.user_errors():
+            _save_plan(plan)
     with cli.user_errors():
-        _init_ray(plan)  # first: it sets what Ray reads when imported
+        _init_ray(plan)  # first of what touches Ray: it sets what Ray reads when imported
         _check_resources(plan)
     from ray import tune
 
@@ -239,7 +257,6 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(plan),
                                    resume_errored=True)
     else:
-        _save_plan(plan)
         print(f"[{plan.name}] {plan.num_samples} configurations x {plan.seeds} seed(s), "
               f"cohort {plan.cohort} -> {plan.num_trials} trials; results in {plan.sweep_uri}",
               flush=True)
@@ -249,8 +266,8 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
     complete = finalize(plan, grid, lock)
     print(summary(plan), flush=True)
     if not complete:
-        print(f"[{plan.name}] the sweep did not finish; continue it with: python -m ufw.sweep "
-              f"{plan.space_path} --resume --name {plan.name} --results {plan.root}", flush=True)
+        print(f"[{plan.name}] the sweep did not finish; continue it with: "
+              f"{resume_command(plan)}", flush=True)
         return 1
     return failure_status(plan)
 

@@ -15,7 +15,7 @@ import json
 
 import pyarrow.fs as pafs
 
-from ufw.results import ResultsWriter, filesystem, join
+from ufw.results import ResultsWriter, filesystem, write_atomically
 
 
 def set_aside_damaged_parts(root: str, name: str, experiment_path: str) -> dict[str, str]:
@@ -47,8 +47,5 @@ def mark_trials_errored(experiment_path: str, trial_ids: set[str]) -> set[str]:
             entry[0] = json.dumps(trial)
             marked.add(trial["trial_id"])
     if marked:
-        tmp = join(base, ".experiment_state.tmp")
-        with fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(experiment).encode())
-        fs.move(tmp, states[-1])
+        write_atomically(fs, states[-1], json.dumps(experiment).encode())
     return marked
