@@ -28,7 +28,7 @@ from ufw.sweep.plan import (
     build_parser,
     make_plan,
 )
-from ufw.sweep.repair import set_aside_damaged_parts
+from ufw.sweep.repair import drop_torn_journal_record, set_aside_damaged_parts
 from ufw.sweep.searchers import DefineByRun
 from ufw.sweep.trainable import run_trial, trial_dirname
 
@@ -254,6 +254,9 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
         for trial_id, what in damaged.items():
             print(f"[{plan.name}] trial {trial_id}: damaged part ({what}); set aside as "
                   f"_damaged-part-{trial_id}.parquet", file=sys.stderr, flush=True)
+        if drop_torn_journal_record(plan.study_file):
+            print(f"[{plan.name}] {plan.study_file}: dropped its last record, cut short",
+                  file=sys.stderr, flush=True)
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(plan),
                                    resume_errored=True)
     else:

@@ -1,5 +1,6 @@
 """What `--resume` repairs before Ray Tune continues a sweep: parts that are not readable
-Parquet are set aside (renamed, never deleted) and their trials marked to run again.
+Parquet are set aside (renamed, never deleted) and their trials marked to run again, and a
+last record of the Optuna journal that was cut short (a full disk) is dropped.
 
 A finished trial's rows live only in its parts (the driver drops them from Ray's experiment
 state once written, to keep that state small), so a damaged part can only be rebuilt by
@@ -12,6 +13,7 @@ it then continues from its last checkpoint and reports its rows again.
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.fs as pafs
 
@@ -49,3 +51,27 @@ def mark_trials_errored(experiment_path: str, trial_ids: set[str]) -> set[str]:
     if marked:
         write_atomically(fs, states[-1], json.dumps(experiment).encode())
     return marked
+
+
+def drop_torn_journal_record(path: str) -> bool:
+    """Cut the study journal's last record if a full disk (or a kill) left it without its
+    newline; returns whether one was. Optuna skips such a record when it is last, but the
+    next record appended would be glued to it and make the journal unreadable."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        position, block = end, 1 << 16
+        while position > 0:  # from the end backwards, to the last newline
+            start = max(0, position - block)
+            f.seek(start)
+            chunk = f.read(position - start)
+            if position == end and chunk.endswith(b"\n"):
+                return False  # intact
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return True
+            position = start
+        f.truncate(0)  # a single record, cut short
+        return end > 0
