@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -347,3 +348,46 @@ def test_a_journal_record_cut_short_is_dropped_and_the_study_goes_on(tmp_path):
     study.tell(study.ask(), 2.0)
     reread = optuna.load_study(storage=journal_storage(str(path)), study_name="s")
     assert [t.value for t in reread.trials] == [1.0, 2.0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_ray_starts_ends_cleanly_and_the_sweep_can_start_again(ray_local,
+                                                                            tiny_space,
+                                                                            tmp_path):
+    import ray  # noqa: F401, I001  (first: Ray ships psutil)
+    import psutil
+
+    space = tiny_space(SPACE)
+    results = tmp_path / "results"
+    base = [str(space), "--results", str(results), "--name", "ctrl-c", "--num-samples", "2"]
+    driver = Driver(*base)  # a local Ray: the driver starts it
+    parent = psutil.Process(driver.process.pid)
+    started: dict[int, psutil.Process] = {}
+
+    def ray_is_starting() -> bool:
+        """Ray's first server is up, the rest of Ray still to come (ray.init is running)."""
+        with contextlib.suppress(psutil.Error):
+            started.update((p.pid, p) for p in parent.children(recursive=True))
+        return any(p.name() == "gcs_server" for p in started.values() if p.is_running())
+
+    assert driver.wait_for(ray_is_starting), driver.output
+    assert driver.kill(signal.SIGINT)
+    while driver.process.poll() is None:  # what Ray still starts meanwhile must end too
+        ray_is_starting()
+        time.sleep(0.01)
+    assert driver.finish(120) == 130, driver.output
+    assert "results in" not in driver.output  # it was stopped before Tune, during Ray's start
+    assert "Traceback" not in driver.errors
+    assert ufw_lines(driver.errors) == ["[ctrl-c] interrupted; no trial had started; run the "
+                                        "same command again to start it"], driver.errors
+    assert not (results / "ctrl-c" / "driver.lock").exists()  # the lock was given back
+    ended = time.time()
+    alive = list(started.values())
+    while alive and time.time() - ended < 15:
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.2)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+
+    again = Driver(*base, "--address", ray_local)  # the same command: the name is free
+    assert again.finish() == 0, again.output
+    assert len(read_trials(str(results / "ctrl-c"))) == 2

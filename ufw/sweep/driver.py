@@ -26,6 +26,7 @@ from ufw.sweep.plan import (
     _concurrency,
     _save_plan,
     build_parser,
+    can_restore,
     make_plan,
 )
 from ufw.sweep.repair import drop_torn_journal_record, set_aside_damaged_parts
@@ -215,8 +216,11 @@ def run(plan: Plan) -> int:
         return _run_locked(plan, lock)
     except KeyboardInterrupt:  # Ctrl-C before Tune runs (during Ray's start); Tune handles
         # it itself while trials run, and the summary then says how to resume
-        print(f"[{plan.name}] interrupted; continue it with: {resume_command(plan)}",
-              file=sys.stderr, flush=True)
+        if can_restore(plan.experiment_path):
+            how = f"continue it with: {resume_command(plan)}"
+        else:  # a new sweep: Tune has not saved anything to resume from
+            how = "no trial had started; run the same command again to start it"
+        print(f"[{plan.name}] interrupted; {how}", file=sys.stderr, flush=True)
         return 130
     except Exception as e:
         why = out_of_space.reason(e)
