@@ -29,7 +29,11 @@ from ufw.sweep.plan import (
     can_restore,
     make_plan,
 )
-from ufw.sweep.repair import drop_torn_journal_record, set_aside_damaged_parts
+from ufw.sweep.repair import (
+    drop_torn_journal_record,
+    repair_experiment_state,
+    set_aside_damaged_parts,
+)
 from ufw.sweep.searchers import DefineByRun
 from ufw.sweep.trainable import run_trial, trial_dirname
 
@@ -227,8 +231,7 @@ def run(plan: Plan) -> int:
         if not why:
             raise
         stopped = out_of_space.find(e)
-        what = (f"{stopped.what} under {stopped.where}" if stopped else
-                f"under {plan.sweep_uri}")
+        what = stopped.what if stopped else f"under {plan.sweep_uri}"
         print(f"[{plan.name}] out of space: cannot write {what} ({why}); everything "
               f"written before is intact: free space and resume with: {resume_command(plan)}",
               file=sys.stderr, flush=True)
@@ -243,9 +246,11 @@ def resume_command(plan: Plan) -> str:
 
 
 def _run_locked(plan: Plan, lock: SweepLock) -> int:
-    if not plan.resume:  # before Ray starts: a full or unwritable disk stops it here
-        with cli.user_errors():
+    with cli.user_errors():  # before Ray starts
+        if not plan.resume:  # a full or unwritable disk stops it here
             _save_plan(plan)
+        elif repaired := repair_experiment_state(plan.experiment_path):
+            print(f"[{plan.name}] {repaired}", file=sys.stderr, flush=True)
     with cli.user_errors():
         _init_ray(plan)  # first of what touches Ray: it sets what Ray reads when imported
         _check_resources(plan)

@@ -24,11 +24,12 @@ _MESSAGES = tuple(os.strerror(n) for n in OUT_OF_SPACE_ERRNOS)
 
 
 class OutOfSpace(Exception):
-    """Raised to stop a sweep: `what` could not be written under `where`, for `why`."""
+    """Raised to stop a sweep: `what` could not be written, for `why` (e.g. "No space left
+    on device")."""
 
-    def __init__(self, what: str, where: str, why: str):
-        super().__init__(f"cannot write {what} under {where} ({why})")
-        self.what, self.where, self.why = what, where, why
+    def __init__(self, what: str, why: str):
+        super().__init__(f"cannot write {what} ({why})")
+        self.what, self.why = what, why
 
 
 def reason(error: BaseException | str | None) -> str | None:
