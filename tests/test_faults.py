@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import re
@@ -30,8 +31,9 @@ from pathlib import Path
 import pytest
 
 from ufw import sweep
+from ufw.config import ConfigError
 from ufw.results import read_epochs, read_trials
-from ufw.sweep.repair import drop_torn_journal_record
+from ufw.sweep.repair import drop_torn_journal_record, repair_experiment_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """
@@ -262,14 +264,19 @@ def fill(directory: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("checkpoints", [
+    [],  # every epoch: a worker's checkpoint is usually the first write to fail
+    ["--checkpoint-seconds", "1000"],  # none: the driver's writes (parts, Ray's state) are
+])
 def test_a_full_results_directory_stops_the_sweep_and_resume_finishes_it(ray_local,
                                                                           tiny_space,
-                                                                          small_disk):
+                                                                          small_disk,
+                                                                          checkpoints):
     num_samples, name = 8, "full"
     results = small_disk / "results"
     space = tiny_space(SPACE, max_epochs=3)
     base = [str(space), "--results", str(results), "--address", ray_local, "--name", name]
-    driver = Driver(*base, "--num-samples", str(num_samples))
+    driver = Driver(*base, "--num-samples", str(num_samples), *checkpoints)
     assert driver.wait_for(lambda: count(results, name, "trials") >= 2), driver.output
     filler = fill(small_disk)  # mid-sweep: trials are training, the next write fails
     assert driver.finish() == 1, driver.output
@@ -391,3 +398,38 @@ def test_ctrl_c_while_ray_starts_ends_cleanly_and_the_sweep_can_start_again(ray_
     again = Driver(*base, "--address", ray_local)  # the same command: the name is free
     assert again.finish() == 0, again.output
     assert len(read_trials(str(results / "ctrl-c"))) == 2
+
+
+def test_an_experiment_state_cut_short_is_restored_from_rays_copy_or_set_aside(tmp_path,
+                                                                              monkeypatch):
+    """Ray copies its experiment state into the results in place; a full disk can cut the
+    copy short. Resume takes Ray's staging copy if there is one, else the previous session's
+    state, else refuses (exit 2) rather than let Ray start afresh."""
+    experiment = tmp_path / "results" / "s" / "ray"
+    experiment.mkdir(parents=True)
+    older, newer = "2026-01-01_00-00-00", "2026-01-02_00-00-00"
+    state = {"trial_data": [], "runner_data": {}}
+    (experiment / f"experiment_state-{newer}.json").write_text(json.dumps(state)[:20])
+    (experiment / f"searcher-state-{newer}.pkl").write_bytes(b"cut")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "tmp"))
+    with pytest.raises(ConfigError, match="no copy of it is left: start a new sweep"):
+        repair_experiment_state(str(experiment))  # the only state, no copy: refused
+
+    staging = (tmp_path / "tmp" / "ray" / "session_x" / "artifacts" / newer / "ray" /
+               "driver_artifacts")
+    staging.mkdir(parents=True)
+    (staging / f"experiment_state-{newer}.json").write_text(json.dumps(state))
+    (staging / f"searcher-state-{newer}.pkl").write_bytes(b"whole")
+    assert "restored from Ray's copy" in repair_experiment_state(str(experiment))
+    assert json.loads((experiment / f"experiment_state-{newer}.json").read_text()) == state
+    assert (experiment / f"searcher-state-{newer}.pkl").read_bytes() == b"whole"
+    assert repair_experiment_state(str(experiment)) is None  # readable: left alone
+
+    (experiment / f"experiment_state-{older}.json").write_text(json.dumps(state))
+    (experiment / f"experiment_state-{newer}.json").write_text("{")
+    (staging / f"experiment_state-{newer}.json").write_text("{")  # Ray's copy is no good
+    assert f"resuming from experiment_state-{older}.json" in repair_experiment_state(
+        str(experiment))
+    assert sorted(p.name for p in experiment.iterdir()) == [
+        f"_damaged-experiment_state-{newer}.json", f"_damaged-searcher-state-{newer}.pkl",
+        f"experiment_state-{older}.json"]
