@@ -267,14 +267,14 @@ def fill(directory: Path) -> Path:
 @pytest.mark.parametrize("checkpoints", [
     [],  # every epoch: a worker's checkpoint is usually the first write to fail
     ["--checkpoint-seconds", "1000"],  # none: the driver's writes (parts, Ray's state) are
-])
+], ids=["checkpoint-every-epoch", "no-checkpoint"])
 def test_a_full_results_directory_stops_the_sweep_and_resume_finishes_it(ray_local,
                                                                           tiny_space,
                                                                           small_disk,
                                                                           checkpoints):
-    num_samples, name = 8, "full"
+    num_samples, name = 6, "full"
     results = small_disk / "results"
-    space = tiny_space(SPACE, max_epochs=3)
+    space = tiny_space(SPACE)
     base = [str(space), "--results", str(results), "--address", ray_local, "--name", name]
     driver = Driver(*base, "--num-samples", str(num_samples), *checkpoints)
     assert driver.wait_for(lambda: count(results, name, "trials") >= 2), driver.output
