@@ -236,19 +236,29 @@ def test_an_unwritable_results_directory_stops_the_sweep_before_ray(tiny_space, 
     assert captured.err.startswith("error: --results: cannot write") and not captured.out
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 16 MB filesystem (a tmpfs mounted for this test; we run as root, as CI does),
-    so that a sweep can genuinely run out of space."""
-    mount_point = tmp_path / "disk"
+def mount_tmpfs(mount_point: Path, options: str):
+    """Mount a tmpfs (a real filesystem: we run as root, as CI does) at `mount_point` for the
+    test; a generator for a fixture, unmounting at its end."""
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs",
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
                               str(mount_point)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
                     f"{mounted.stderr.strip()}")
     yield mount_point
     subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB filesystem, so that a sweep can genuinely run out of space."""
+    yield from mount_tmpfs(tmp_path / "disk", "size=16m")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A filesystem mounted read-only: no one, root included, can write to it."""
+    yield from mount_tmpfs(tmp_path / "read-only", "ro,size=1m")
 
 
 def fill(directory: Path) -> Path:
@@ -433,3 +443,16 @@ def test_an_experiment_state_cut_short_is_restored_from_rays_copy_or_set_aside(t
     assert sorted(p.name for p in experiment.iterdir()) == [
         f"_damaged-experiment_state-{newer}.json", f"_damaged-searcher-state-{newer}.pkl",
         f"experiment_state-{older}.json"]
+
+
+def test_a_read_only_results_directory_stops_the_sweep_before_ray(tiny_space, read_only_disk):
+    space = tiny_space(SPACE)
+    started = subprocess.run(
+        [sys.executable, "-c", CHECK_NO_RAY, str(space), "--results", str(read_only_disk),
+         "--name", "x"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=120)
+    assert started.returncode == 2, started.stderr
+    message = f"error: --results: cannot write {read_only_disk / 'x'} (Read-only file system)"
+    assert started.stderr.splitlines() == [message], started.stderr
+    assert not started.stdout

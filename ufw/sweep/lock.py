@@ -186,5 +186,8 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def os_error_text(error: OSError) -> str:
-    """An OSError as a few words, e.g. "No space left on device"."""
+    """An OSError as a few words, e.g. "No space left on device" (pyarrow's own text
+    repeats the path the caller names already)."""
+    if error.errno:
+        return os.strerror(error.errno)
     return error.strerror or str(error).splitlines()[0]
