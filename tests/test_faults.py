@@ -112,6 +112,22 @@ def count(results: Path, name: str, kind: str) -> int:
     return len(list((results / name / kind).glob("part-*.parquet")))
 
 
+def resume_to_the_end(base: list[str], sweep_dir: Path, num_samples: int):
+    """`--resume` the sweep until it ends: exit 0, every configuration exactly once, each
+    with its epochs once. Returns its trials."""
+    final = Driver(*base, "--resume")
+    assert final.finish() == 0, final.output
+    assert "Traceback" not in final.output
+    frame = read_trials(str(sweep_dir))
+    assert len(frame) == num_samples, frame[["trial_id", "config_id", "status"]]
+    assert frame["config_id"].is_unique and frame["trial_id"].is_unique
+    assert set(frame["status"]) == {"completed"}
+    epochs = read_epochs(str(sweep_dir))
+    assert not epochs.duplicated(["trial_id", "member", "epoch"]).any()
+    assert set(epochs["trial_id"]) == set(frame["trial_id"])
+    return frame
+
+
 @pytest.mark.slow
 def test_driver_killed_at_random_points_and_resumed_runs_every_configuration_once(
         ray_local, tiny_space, tmp_path):
@@ -159,18 +175,9 @@ def test_driver_killed_at_random_points_and_resumed_runs_every_configuration_onc
             truncated = victim.name[len("part-"):-len(".parquet")]
     assert kills >= 8 and checked_second_driver and truncated
 
-    final = Driver(*base, "--resume")
-    assert final.finish() == 0, final.output
-    assert "Traceback" not in final.output
-    frame = read_trials(str(results / name))
-    assert len(frame) == num_samples, frame[["trial_id", "config_id", "status"]]
-    assert frame["config_id"].is_unique and frame["trial_id"].is_unique
-    assert set(frame["status"]) == {"completed"}
+    frame = resume_to_the_end(base, results / name, num_samples)
     assert truncated in set(frame["trial_id"])  # its trial ran again
     assert (results / name / "trials" / f"_damaged-part-{truncated}.parquet").exists()
-    epochs = read_epochs(str(results / name))
-    assert not epochs.duplicated(["trial_id", "member", "epoch"]).any()
-    assert set(epochs["trial_id"]) == set(frame["trial_id"])
     assert not list((results / name).glob("*/.part-*"))
     assert not (results / name / "driver.lock").exists()  # given back at the end
 
@@ -305,17 +312,8 @@ def test_a_full_results_directory_stops_the_sweep_and_resume_finishes_it(ray_loc
     assert not (results / name / "driver.lock").exists()
 
     filler.unlink()  # space freed
-    final = Driver(*base, "--resume")
-    assert final.finish() == 0, final.output
-    assert "Traceback" not in final.output
-    frame = read_trials(str(results / name))
-    assert len(frame) == num_samples, frame[["trial_id", "config_id", "status"]]
-    assert frame["config_id"].is_unique and frame["trial_id"].is_unique
-    assert set(frame["status"]) == {"completed"}
+    frame = resume_to_the_end(base, results / name, num_samples)
     assert set(written["trial_id"]) <= set(frame["trial_id"])  # kept, not re-run
-    epochs = read_epochs(str(results / name))
-    assert not epochs.duplicated(["trial_id", "member", "epoch"]).any()
-    assert set(epochs["trial_id"]) == set(frame["trial_id"])
 
 
 def test_a_results_directory_full_from_the_start_stops_the_sweep_before_ray(tiny_space,
