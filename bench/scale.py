@@ -72,12 +72,36 @@ class CarefulNaiveTrainer(NaiveTrainer):
             return super().evaluate()
 
 
-def measure(name: str, run_epoch, members: int, epochs: int, device: str, **settings) -> dict:
-    seconds, peak, _ = timed(run_epoch, epochs, device)
+def train_flop_per_epoch(size, vocab_size: int, tokens: int) -> float:
+    """Training FLOP of one model-epoch (forward + backward, every layer and its head):
+    6 per parameter per token for the blocks and each exit's head, plus attention's scores
+    and mixing, 12 * layers * seq_len * dim per token. A sanity bound for the timings: a
+    figure that implies more than the card's peak rate means the timing misses work."""
+    dim, layers, _, seq_len = size
+    block = 12 * dim * dim  # attention 4 d^2 + GLU feed-forward ~8 d^2
+    heads = 3 * dim * vocab_size  # three weighted exits
+    return tokens * (6 * (layers * block + heads) + 12 * layers * seq_len * dim)
+
+
+def last_val_ppl(out) -> float | None:
+    """Member 0's validation PPL after the timed epochs: a run that trains shows it falling."""
+    if isinstance(out, list) and out:  # Population.run_epoch: one row per member
+        return out[0].get("val_ppl")
+    if isinstance(out, dict):  # NaiveTrainer.run_epoch
+        return out.get("ppl")
+    return None
+
+
+def measure(name: str, run_epoch, members: int, epochs: int, device: str, flop=None,
+            **settings) -> dict:
+    seconds, peak, out = timed(run_epoch, epochs, device)
     record = {"variant": name, "K": members, **settings,
               "model_epochs_per_s": members * epochs / seconds,
               "seconds_per_epoch": seconds / epochs,
-              "peak_mem_per_member_gib": peak / members if peak is not None else None}
+              "peak_mem_per_member_gib": peak / members if peak is not None else None,
+              "val_ppl_after": last_val_ppl(out)}
+    if flop is not None:
+        record["train_tflop_per_s"] = flop * members * epochs / seconds / 1e12
     print(record, flush=True)
     return record
 
@@ -90,11 +114,17 @@ def population_run(configs, corpus, device, precision, **options):
 def measure_size(size, corpus, args) -> list[dict]:
     epochs, device = args.epochs, args.device
     config = config_for(size, max_epochs=epochs + 1)
-    common = {"size": list(size)}
+    tokens = corpus.train_x.numel()
+    common = {"size": list(size), "flop": train_flop_per_epoch(size, corpus.vocab_size, tokens)}
     records = [measure("naive", NaiveTrainer(config, corpus, device).run_epoch, 1, epochs,
                        device, precision="fp32", compile=False, **common),
                measure("careful", CarefulNaiveTrainer(config, corpus, device).run_epoch, 1,
                        epochs, device, precision="bf16", compile=True, **common)]
+    if args.no_graphs_too and device.startswith("cuda"):  # is graph replay timed right?
+        run_epoch = population_run([config], corpus, device, args.precision, cuda_graphs=False)
+        records.append(measure("ufw_no_graphs", run_epoch, 1, epochs, device,
+                               precision=args.precision, compile=True, **common))
+        run_epoch = None
     for K in [1, *args.K]:
         configs = [config.with_overrides({"seed": k, "lr": 1e-3 * (1 + k % 4) / 2})
                    for k in range(K)]
@@ -159,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-chars", type=int, help="train on the first N characters only")
     parser.add_argument("--moe", action="store_true",
                         help="also dense vs sparse MoE at (512, 8, 8, 256), 8 experts")
+    parser.add_argument("--no-graphs-too", action="store_true",
+                        help="also ufw K = 1 without CUDA graphs (a check of the timing)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny configuration that runs in a minute or two on a CPU")
     parser.add_argument("--precision", choices=PRECISIONS,

@@ -241,3 +241,31 @@ def test_bad_resources_per_trial_exit_2(tmp_path, capsys, value, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--resources-per-trial" in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_pruning_decisions_are_shared_by_trials_on_both_nodes(cluster, tmp_path):
+    """--pruner asha with cohorts of 2 on two worker nodes: the study actor runs beside the
+    driver (on the head) and every trial reports to it, so the rungs the pruner compares
+    hold configurations trained on both nodes, and each configuration has one row."""
+    from ufw.study import load_study
+
+    space = tmp_path / "multinode.yaml"
+    space.write_text(SPACE)
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "ufw.sweep", str(space), "--address", cluster.address,
+               "--results", str(results), "--name", "mp", "--num-samples", "8",
+               "--cohort", "2", "--pruner", "asha", "--reduction-factor", "2",
+               "--resources-per-trial", '{"fake_gpu": 1}']
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    frame = read_trials(str(results / "mp"))
+    assert len(frame) == 8 and frame["config_id"].is_unique
+    assert (frame["status"] == "pruned").sum() >= 1, frame[["status", "epochs_run"]]
+    assert frame["node_id"].nunique() == 2  # both workers trained configurations
+    trials = {t.number: t for t in load_study(str(results / "mp" / "study.journal")).trials}
+    # Rung 0 (after epoch 1) of the one pruner holds configurations from both nodes.
+    rung0 = [trials[int(n)].system_attrs.get("completed_rung_0") is not None
+             for n in frame["optuna_number"]]
+    assert frame.loc[rung0, "node_id"].nunique() == 2, frame[["node_id", "status"]]

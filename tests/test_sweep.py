@@ -25,7 +25,6 @@ from ufw import sweep
 from ufw.config import UniversalConfig
 from ufw.data import make_corpus
 from ufw.results import ResultsWriter, read_epochs, read_trials
-from ufw.space import parse_space
 from ufw.study import load_study
 from ufw.train import Population
 
@@ -280,120 +279,6 @@ def test_results_writer_replaces_a_trials_part_atomically(tmp_path):
     assert len(read_trials(str(tmp_path / "s"))) == 2
     schemas = [pq.read_schema(p) for p in (tmp_path / "s" / "trials").glob("part-*")]
     assert schemas[0].equals(schemas[1])
-
-
-def suggest_when_ready(searcher, trial_id: str, timeout: float = 30.0):
-    """What Tune does: ask again while the searcher answers None (its cohort is being asked)."""
-    deadline = time.monotonic() + timeout
-    while (suggestion := searcher.suggest(trial_id)) is None:
-        assert time.monotonic() < deadline, "the cohort never became ready"
-        time.sleep(0.01)
-    return suggestion
-
-
-def test_cohort_searcher_is_picklable_and_restores_its_study(tmp_path):
-    import json
-
-    space = parse_space({"fixed": {"dim": 16, "num_heads": 2},
-                         "parameters": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2}},
-                         "sampler": {"type": "random", "seed": 3}})
-    searcher = sweep.CohortSearcher(space, num_samples=5, cohort=2)
-    first = suggest_when_ready(searcher, "a")["members"]
-    second = suggest_when_ready(searcher, "b")["members"]
-    assert len(first) == 2 and len(second) == 2
-    searcher.on_trial_complete("a", {"objective_values": json.dumps([[3.0], None])})
-    searcher.save(str(tmp_path / "searcher.pkl"))
-
-    restored = sweep.CohortSearcher(space, num_samples=5, cohort=2)
-    restored.restore(str(tmp_path / "searcher.pkl"))
-    states = [t.state.name for t in restored.study.trials]
-    # a's two told; b's two pending; the last one asked ahead and saved with the searcher
-    assert states == ["COMPLETE", "FAIL", "RUNNING", "RUNNING", "RUNNING"]
-    assert restored.study.best_value == 3.0
-    assert restored.suggest("b")["members"] == second  # the same pending points
-    assert len(restored.suggest("c")["members"]) == 1  # 5 = 2 + 2 + 1, asked already
-    assert restored.suggest("d") == "FINISHED"
-    restored.on_trial_complete("b", error=True)
-    assert [t.state.name for t in restored.study.trials][2:4] == ["FAIL", "FAIL"]
-
-
-def test_cohort_searcher_keeps_its_study_in_a_journal_file(tmp_path):
-    """A study in a file: a restored searcher continues it, and closes as failed the trials a
-    killed driver asked after its last checkpoint (nobody will report them)."""
-    import json
-
-    from ufw.study import journal_storage
-
-    space = parse_space({"fixed": {"dim": 16, "num_heads": 2},
-                         "parameters": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2}},
-                         "sampler": {"type": "random", "seed": 3}})
-    path = str(tmp_path / "s" / "study.journal")
-    searcher = sweep.CohortSearcher(space, 6, 2, journal_storage(path), "s")
-    suggest_when_ready(searcher, "a")
-    searcher.save(str(tmp_path / "searcher.pkl"))  # the last checkpoint: a pending, 1 ahead
-    suggest_when_ready(searcher, "b")  # after it: b handed out, c asked ahead
-    searcher.on_trial_complete("a", {"objective_values": json.dumps([[3.0], [4.0]])})
-    searcher._wait_for_ask(None)
-    assert len(load_study(path).trials) == 6
-
-    restored = sweep.CohortSearcher(space, 6, 2, journal_storage(path), "s")
-    restored.restore(str(tmp_path / "searcher.pkl"))
-    states = [t.state.name for t in load_study(path).trials]
-    assert states == ["COMPLETE", "COMPLETE", "RUNNING", "RUNNING", "FAIL", "FAIL"]
-    restored.on_trial_complete("a", {"objective_values": json.dumps([[3.5], [4.5]])})
-    assert load_study(path).best_value == 3.0  # told once; the re-run's tell is refused
-
-
-class SlowSpace:
-    """A search space whose sampling takes a while (as TPE's does in a study of thousands)."""
-
-    def __init__(self, space, seconds: float, fail: bool = False):
-        self.space, self.seconds, self.fail = space, seconds, fail
-
-    def __getattr__(self, name):
-        return getattr(self.space, name)
-
-    def sample(self, trial):
-        time.sleep(self.seconds)
-        if self.fail:
-            raise ValueError("the sampler broke")
-        return self.space.sample(trial)
-
-
-def test_cohort_searcher_asks_in_the_background_and_keeps_an_ask_in_flight(tmp_path):
-    import pickle
-
-    space = parse_space({"fixed": {"dim": 16, "num_heads": 2},
-                         "parameters": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2}},
-                         "sampler": {"type": "random", "seed": 3}})
-    searcher = sweep.CohortSearcher(space, num_samples=4, cohort=2)
-    searcher.space = SlowSpace(space, seconds=0.2)
-    start = time.monotonic()
-    assert searcher.suggest("a") is None  # the driver is not held while the cohort is asked
-    assert time.monotonic() - start < 0.15
-    assert suggest_when_ready(searcher, "a")["members"]
-    assert searcher.suggest("b") is None  # the next cohort: asked, not ready yet
-    searcher.space = space  # (SlowSpace is a test class: pickle the real one)
-    restored = pickle.loads(pickle.dumps(searcher))  # saving waits for the ask in flight
-    assert [t.state.name for t in restored.study.trials] == ["RUNNING"] * 4
-    assert len(restored.suggest("b")["members"]) == 2  # ... and keeps what it asked
-    assert restored.suggest("c") == "FINISHED"
-
-    # The next cohort is asked as soon as one is handed out: ready when a slot frees up.
-    searcher = sweep.CohortSearcher(space, num_samples=6, cohort=2)
-    searcher.space = SlowSpace(space, seconds=0.1)  # 0.2 s a cohort
-    suggest_when_ready(searcher, "a")
-    time.sleep(0.6)
-    assert len(searcher.suggest("b")["members"]) == 2  # at once
-    time.sleep(0.6)
-    assert len(searcher.suggest("c")["members"]) == 2
-    assert searcher.suggest("d") == "FINISHED"
-    assert len(searcher.study.trials) == 6
-
-    broken = sweep.CohortSearcher(space, num_samples=4, cohort=2)
-    broken.space = SlowSpace(space, seconds=0.0, fail=True)
-    with pytest.raises(ValueError, match="the sampler broke"):
-        suggest_when_ready(broken, "a")
 
 
 # ---------------------------------------------------------------------- grid sweeps

@@ -214,6 +214,15 @@ class EarlyExitLM(nn.Module):
         w, b = self.p(f"conf{exit_layer}.w"), self.p(f"conf{exit_layer}.b")
         return (torch.bmm(h.reshape(K, B * T, D), w) + b[:, None]).squeeze(-1)
 
+    @torch.no_grad()
+    def reset_member(self, k: int, seed: int) -> None:
+        """Member k's parameters drawn afresh from `seed`, as a new model of that seed starts.
+
+        Written in place (a captured CUDA graph holds the parameters' addresses)."""
+        fresh = init_member(self.shape, seed)
+        for name, p in self.named_member_params():
+            p[k].copy_(fresh[name])
+
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's parameters alone (to save one model out of a population)."""
         return {name: p[k].detach().cpu().clone() for name, p in self.named_member_params()}

@@ -19,21 +19,18 @@ class Objective:
 
     def __init__(self, configs: list[UniversalConfig], device: str | torch.device = "cpu",
                  teacher: EarlyExitLM | None = None, precision: str = "fp32"):
-        def per_member(values):
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
         self.configs = configs
         self.num_layers = configs[0].num_layers
         self.exits = configs[0].exits
-        self.thresholds = per_member([c.thresholds for c in configs])  # [K, E]
-        self.distill_alpha = per_member([c.distillation_alpha for c in configs])
-        self.temperature = per_member([c.distillation_temperature for c in configs])
+        # The structure the loss is traced with: fixed for the objective's lifetime (a slot
+        # refilled by `set_member` must fit it; see Population.can_host).
         self.distill = any(c.distillation_alpha < 1 for c in configs)
-        self.conf_weight = per_member([c.confidence_loss_weight for c in configs])
-        self.moe_weight = per_member([c.moe_aux_weight for c in configs])
         self.methods = sorted({c.confidence_method for c in configs})
-        self.method_index = torch.tensor([self.methods.index(c.confidence_method)
-                                          for c in configs], device=device)
+        # Per-member values, each a tensor with a leading member axis.
+        columns = zip(*(self._member_values(c) for c in configs))
+        values = [torch.tensor(column, device=device) for column in columns]
+        (self.thresholds, self.distill_alpha, self.temperature, self.conf_weight,  # [K, E], [K]..
+         self.moe_weight, self.method_index) = values
         self.teacher = teacher
         if precision not in PRECISIONS:
             raise ConfigError(f"precision: {precision!r}; allowed: {', '.join(PRECISIONS)}")
@@ -46,13 +43,38 @@ class Objective:
         torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
         torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
 
+    def _member_values(self, config: UniversalConfig) -> tuple:
+        """One member's row of the per-member tensors, in their order (see __init__)."""
+        return ([float(t) for t in config.thresholds], float(config.distillation_alpha),
+                float(config.distillation_temperature), float(config.confidence_loss_weight),
+                float(config.moe_aux_weight), self.methods.index(config.confidence_method))
+
+    def hosts(self, config: UniversalConfig) -> bool:
+        """Whether `config` fits what this objective computes: its confidence method is one
+        evaluated here, and its distillation needs no term that the loss leaves out."""
+        return config.confidence_method in self.methods and (
+            self.distill or config.distillation_alpha == 1)
+
+    @torch.no_grad()
+    def set_member(self, k: int, config: UniversalConfig) -> None:
+        """Member k becomes `config` (one that `hosts` accepts). In place: a captured CUDA
+        graph reads these tensors."""
+        self.configs[k] = config
+        tensors = (self.thresholds, self.distill_alpha, self.temperature, self.conf_weight,
+                   self.moe_weight, self.method_index)
+        for tensor, value in zip(tensors, self._member_values(config)):
+            tensor[k].copy_(torch.as_tensor(value, dtype=tensor.dtype))
+
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16)
 
-    def layer_weights(self, epoch: int) -> torch.Tensor:
-        """[K, L] loss weight of every layer for every member at this epoch."""
+    def layer_weights(self, epochs: int | list[int]) -> torch.Tensor:
+        """[K, L] loss weight of every layer for every member at its epoch (counted from 0):
+        `epochs` has one per member, or is one epoch for all."""
+        if isinstance(epochs, int):
+            epochs = [epochs] * len(self.configs)
         rows = []
-        for c in self.configs:
+        for c, epoch in zip(self.configs, epochs, strict=True):
             w = c.get_layer_weights(epoch, c.max_epochs)
             rows.append([w[i] for i in range(1, self.num_layers + 1)])
         return torch.tensor(rows, dtype=torch.float32, device=self.thresholds.device)

@@ -34,18 +34,45 @@ class PopulationAdamW:
         device = next(model.parameters()).device
         self.params = [p for _, p in model.named_member_params()]
         self.clip_groups = clip_groups(model)
-        per_param_lrs = [[c.lr * (c.lr_scale(layer) if layer else 1.0) for c in configs]
-                         for layer in (layer_of(n) for n, _ in model.named_member_params())]
-        self.lrs = [torch.tensor(lrs, dtype=torch.float64, device=device) for lrs in per_param_lrs]
-        self.decays = [torch.tensor([1 - lr * c.weight_decay for lr, c in zip(lrs, configs)],
-                                    device=device) for lrs in per_param_lrs]
+        self._layers = [layer_of(n) for n, _ in model.named_member_params()]
+        # One tensor per parameter, indexed by member: [K] learning rates (float64, as
+        # torch's host arithmetic) and [K] decay factors 1 - lr * weight_decay.
+        per_member = [self._hyperparameters(c) for c in configs]
+        self.lrs = [torch.tensor([lrs[i] for lrs, _ in per_member], dtype=torch.float64,
+                                 device=device) for i in range(len(self.params))]
+        self.decays = [torch.tensor([decays[i] for _, decays in per_member], device=device)
+                       for i in range(len(self.params))]
         self.grad_clip = torch.tensor([c.grad_clip for c in configs], device=device)
         self.betas, self.eps = betas, eps
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
-        # float64: beta2^t in fp32 starts from 0.999 rounded up, which makes 1 - beta2^t
-        # 1.3e-5 too small and every update ~1e-5 too small.
-        self.steps = torch.zeros((), dtype=torch.float64, device=device)
+        # Steps taken per member: a member that replaces another in its slot starts from 0
+        # (its own bias corrections). float64: beta2^t in fp32 starts from 0.999 rounded
+        # up, which makes 1 - beta2^t 1.3e-5 too small and every update ~1e-5 too small.
+        self.steps = torch.zeros(len(configs), dtype=torch.float64, device=device)
+
+    def _hyperparameters(self, config: UniversalConfig) -> tuple[list[float], list[float]]:
+        """One member's learning rate and decay factor for every parameter, in order."""
+        lrs = [config.lr * (config.lr_scale(layer) if layer else 1.0) for layer in self._layers]
+        return lrs, [1 - lr * config.weight_decay for lr in lrs]
+
+    @torch.no_grad()
+    def set_member(self, k: int, config: UniversalConfig) -> None:
+        """Member k's learning rates, decays and gradient clip from `config`.
+
+        Indexed writes, in place: a captured CUDA graph reads these tensors."""
+        lrs, decays = self._hyperparameters(config)
+        for lr, decay, new_lr, new_decay in zip(self.lrs, self.decays, lrs, decays):
+            lr[k], decay[k] = new_lr, new_decay
+        self.grad_clip[k] = config.grad_clip
+
+    @torch.no_grad()
+    def zero_member_state(self, k: int) -> None:
+        """Member k's moments and step count back to 0, as a new optimizer's (in place)."""
+        for m, v in zip(self.m, self.v):
+            m[k].zero_()
+            v[k].zero_()
+        self.steps[k] = 0
 
     def clip_(self) -> None:
         """Clip each member's gradient to its own global norm (0 disables clipping).
@@ -69,7 +96,7 @@ class PopulationAdamW:
         # number that changes from step to step (which would defeat graph capture).
         self.steps += 1
         b1, b2 = self.betas
-        bias1 = 1 - b1 ** self.steps  # float64, as torch's host arithmetic
+        bias1 = 1 - b1 ** self.steps  # [K] float64, as torch's host arithmetic
         bias2_sqrt = (1 - b2 ** self.steps).sqrt().float()
         running = active > 0
         for p, m, v, lr, decay in zip(self.params, self.m, self.v, self.lrs, self.decays):
@@ -80,7 +107,7 @@ class PopulationAdamW:
             p.mul_(torch.where(running, decay, 1.0).view(shape))
             m.lerp_(p.grad, 1 - b1)
             v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.sub_(step_size * m / (v.sqrt() / bias2_sqrt + self.eps))
+            p.sub_(step_size * m / (v.sqrt() / bias2_sqrt.view(shape) + self.eps))
             p.grad = None
 
     def state_dict(self) -> dict:
@@ -89,5 +116,6 @@ class PopulationAdamW:
     def load_state_dict(self, state: dict) -> None:
         for mine, saved in zip(self.m + self.v, state["m"] + state["v"]):
             mine.copy_(saved)
-        self.steps.copy_(state["steps"])
+        # A checkpoint from before per-member step counts holds one scalar: every member's.
+        self.steps.copy_(torch.as_tensor(state["steps"]).expand_as(self.steps))
 

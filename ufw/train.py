@@ -52,7 +52,9 @@ class MemberRecord:
     epoch); best_epoch 0 means no finite epoch yet.
     """
 
-    status: str = "running"  # running, completed, failed
+    # running; completed (early stop or max_epochs); pruned (stopped from outside by
+    # Population.prune, e.g. by a sweep's pruner); failed (diverged)
+    status: str = "running"
     error: str = ""
     best_ppl: float = math.inf
     best_epoch: int = 0
@@ -116,21 +118,72 @@ class Population:
         self._active = torch.ones(len(configs), device=self.device)
         self._total = torch.zeros(len(configs), device=self.device)
         self.members = [MemberRecord() for _ in configs]
-        # Epochs trained so far, which is also the next epoch's index counted from 0: the
-        # alpha schedule's argument, as in the framework. Rows and results number it from 1.
-        self.epoch = 0
+        # Per slot: epochs its current member has trained, which is also that member's next
+        # epoch counted from 0 (the alpha schedule's argument, as in the framework). Rows and
+        # results number epochs from 1. A refilled slot starts again from 0.
+        self.epochs = [0] * len(configs)
         self.max_epochs = configs[0].max_epochs
 
     @property
+    def epoch(self) -> int:
+        """Epochs trained by the population's longest-trained member."""
+        return max(self.epochs)
+
+    @property
     def finished(self) -> bool:
+        """No member is running (each completed, was pruned or failed)."""
         return all(m.status != "running" for m in self.members)
+
+    def can_host(self, config: UniversalConfig) -> bool:
+        """Whether `config` can take a slot of this population: it has the population's shape
+        and needs nothing the traced loss and evaluation leave out (see Objective.hosts)."""
+        return config.shape_key == self.configs[0].shape_key and self.objective.hosts(config)
+
+    def replace(self, k: int, config: UniversalConfig) -> dict[str, Any]:
+        """Slot k's result row, then slot k refilled with `config`.
+
+        The new member trains from here exactly as it would in a fresh population: its
+        parameters drawn from `config.seed`, its optimizer state and step count zeroed, its
+        own epoch count from 0. The other members go on undisturbed. Every per-member tensor
+        is written in place, so a captured CUDA graph and a compiled loss stay valid.
+        ConfigError if this population cannot host `config` (`can_host`).
+        """
+        config = config.validate()
+        if not self.can_host(config):
+            raise ConfigError(f"population: cannot refill slot {k} with this configuration: it "
+                              f"needs another shape, confidence method or distillation loss "
+                              f"than the population was built with")
+        row = self.results()[k]
+        self.model.reset_member(k, config.seed)
+        self.optimizer.zero_member_state(k)
+        self._set_member_config(k, config)
+        self.members[k] = MemberRecord()
+        self.epochs[k] = 0
+        return row
+
+    def prune(self, k: int) -> None:
+        """Member k stops training now: frozen like a completed member, with its best metrics
+        so far and status "pruned". A member that has already stopped keeps its status."""
+        if self.members[k].status == "running":
+            self.members[k].status = "pruned"
+
+    def _set_member_config(self, k: int, config: UniversalConfig) -> None:
+        """Slot k's configuration in every place that holds one per member (parameters and
+        optimizer state aside)."""
+        self.configs[k] = config
+        self.objective.set_member(k, config)
+        self.optimizer.set_member(k, config)
 
     def train_epoch(self) -> torch.Tensor:
         """One pass over the training batches; returns the mean loss per member [K]."""
-        weights = self.objective.layer_weights(self.epoch)
-        layers = tuple(active_layers(weights))
+        weights = self.objective.layer_weights(self.epochs)
+        running = torch.tensor([m.status == "running" for m in self.members])
+        # Layers the training members weigh: a frozen member's weights cost no compute, and
+        # do not give a training member a head it would not have in a population of its own.
+        layers = tuple(active_layers(weights[running.to(weights.device)] if running.any()
+                                     else weights))
         self._weights.copy_(weights)
-        self._active.copy_(torch.tensor([m.status == "running" for m in self.members]))
+        self._active.copy_(running)
         if not self.cuda_graphs:
             self._epoch_body(layers)
         else:
@@ -187,28 +240,27 @@ class Population:
         stats = {k: v.cpu().tolist() for k, v in stats.items()}
         seconds = time.perf_counter() - start
         rows = []
-        number = self.epoch + 1  # what users see: epochs counted from 1
         for k, (config, member) in enumerate(zip(self.configs, self.members)):
             if member.status != "running":
                 continue
             ppl = stats["ppl"][k]
             member.epochs_run += 1
             member.train_seconds += seconds
+            epoch = self.epochs[k]  # counted from 0, as the alpha schedule takes it
+            number = epoch + 1  # what users see: epochs counted from 1
             rows.append({"member": k, "epoch": number, "train_loss": train_loss[k],
                          "val_ppl": ppl, "acc": stats["acc"][k],
                          "shallow_ratio": stats["shallow_ratio"][k],
                          "compute_cost": stats["compute_cost"][k],
-                         "alpha": config.get_layer_weights(self.epoch)[config.exits[0]],
+                         "alpha": config.get_layer_weights(epoch)[config.exits[0]],
                          "epoch_seconds": seconds})
             if not math.isfinite(train_loss[k]):
                 ppl = math.nan
             if member.observe(number, ppl, config.patience):
                 member.best = _best_metrics(stats, k)
-        self.epoch += 1
-        if self.epoch >= self.max_epochs:
-            for member in self.members:
-                if member.status == "running":
-                    member.status = "completed"
+            self.epochs[k] = number
+            if number >= self.max_epochs and member.status == "running":
+                member.status = "completed"
         return rows
 
     def results(self) -> list[dict[str, Any]]:
@@ -227,15 +279,30 @@ class Population:
         return rows
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training exactly where it stopped."""
+        """Everything needed to continue training exactly where it stopped, refilled slots'
+        configurations included (tensors and JSON values: ufw.tensorfile can save it)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "members": [vars(m).copy() for m in self.members], "epoch": self.epoch}
+                "members": [vars(m).copy() for m in self.members], "epoch": self.epoch,
+                "epochs": list(self.epochs), "configs": [c.to_dict() for c in self.configs]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s state, on a population of the same shape and size.
+
+        Slots refilled since this population's configurations were chosen get their
+        configuration back from the state. A state from before per-member epochs (one
+        shared "epoch", no "configs") still loads.
+        """
+        configs = [UniversalConfig.from_dict(c) for c in state.get("configs", [])]
+        if configs and (len(configs) != len(self.configs)
+                        or not all(self.can_host(c) for c in configs)):
+            raise ConfigError("population: the saved state is of another population (size, "
+                              "shape, confidence methods or distillation)")
+        for k, config in enumerate(configs):
+            self._set_member_config(k, config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.members = [MemberRecord(**m) for m in state["members"]]
-        self.epoch = state["epoch"]
+        self.epochs = list(state.get("epochs", [state["epoch"]] * len(self.members)))
 
     def save_member(self, k: int, path: str) -> None:
         """Save member k as a standalone model (usable as a distillation teacher).

@@ -81,6 +81,10 @@ class _SweepCallback:
             rows = json.loads(result["rows"])
             epoch_rows = json.loads(result.get("epoch_rows", "[]"))
             error = None
+            if not result.get("final", True):  # stopped by Ray Tune's scheduler (--pruner)
+                for row in rows:
+                    if row["status"] == "running":
+                        row.update(status="pruned", ended_at=time.time())
         else:
             members = expand_members(self.spec, trial_points(trial.config))
             rows = failed_rows(self.spec, members, "trial ended without a final result",

@@ -35,6 +35,7 @@ from ufw.sweep.repair import (
     set_aside_damaged_parts,
 )
 from ufw.sweep.searchers import DefineByRun
+from ufw.sweep.study_service import start_service
 from ufw.sweep.trainable import run_trial, trial_dirname
 
 
@@ -83,14 +84,14 @@ def make_tuner(plan: Plan):
     mode = [o.mode for o in objectives]
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
-    storage = journal_storage(plan.study_file)  # kept beside the Parquet: ufw/study.py
     if plan.cohort == 1 and not space.points:
+        storage = journal_storage(plan.study_file)  # kept beside the Parquet: ufw/study.py
         search = searchers.StudySearch(space=DefineByRun(space), metric=metric, mode=mode,
                                        sampler=space.make_sampler(), storage=storage,
                                        study_name=plan.name)
     else:  # explicit points are handed out by the cohort searcher (see SearchSpace.points)
-        search = searchers.CohortSearcher(space, plan.num_samples, plan.cohort, storage,
-                                          plan.name)
+        search = searchers.CohortSearcher(space, plan.name, plan.cohort,
+                                          ask_ahead=plan.pruning["pruner"] == "none")
     # max_concurrent_trials also sets how many trials Ray keeps pending (not just 1).
     concurrency = _concurrency(plan)
     sweep_callback = callback.SweepCallback(spec, plan.root, plan.num_trials)
@@ -98,6 +99,7 @@ def make_tuner(plan: Plan):
         _trainable(plan),
         param_space={SPEC: spec},
         tune_config=tune.TuneConfig(search_alg=search, num_samples=plan.num_trials,
+                                    scheduler=ray_scheduler(plan, metric, mode),
                                     max_concurrent_trials=concurrency, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
         run_config=RunConfig(name="ray", storage_path=plan.sweep_uri, verbose=0,
@@ -106,7 +108,26 @@ def make_tuner(plan: Plan):
                              callbacks=[sweep_callback]))
 
 
-def finalize(plan: Plan, grid, lock: SweepLock | None = None) -> bool:
+def ray_scheduler(plan: Plan, metric: str, mode: str):
+    """Ray Tune's trial scheduler for --pruner with one configuration per trial (None: FIFO).
+    Trials report every epoch's objective (the mean over seeds of the best so far)."""
+    if not plan.ray_scheduler:
+        return None
+    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, MedianStoppingRule
+
+    p = plan.pruning
+    common = {"time_attr": "epoch", "metric": metric, "mode": mode}
+    if p["pruner"] == "asha":
+        return ASHAScheduler(**common, max_t=p["max_resource"], grace_period=p["min_resource"],
+                             reduction_factor=p["reduction_factor"])
+    if p["pruner"] == "hyperband":
+        return HyperBandScheduler(**common, max_t=p["max_resource"],
+                                  reduction_factor=p["reduction_factor"])
+    return MedianStoppingRule(**common, grace_period=p["min_resource"], min_samples_required=5)
+
+
+def finalize(plan: Plan, grid, lock: SweepLock | None = None,
+             budget_spent: bool = False) -> bool:
     """Give every trial of the experiment its parts, drop parts of unknown trials (only
     while this driver holds the sweep's lock).
 
@@ -138,7 +159,8 @@ def finalize(plan: Plan, grid, lock: SweepLock | None = None) -> bool:
     for trial_id in writer.trial_ids() - known:
         writer.delete(trial_id)  # a trial the experiment forgot (driver killed before saving)
     writer.clean_temporary()
-    return complete and len(known) >= plan.num_trials
+    # Refilled slots train more than a cohort per trial: fewer Ray trials may spend the budget.
+    return complete and (len(known) >= plan.num_trials or budget_spent)
 
 
 def pareto_front(table, objectives: list[Objective]) -> list[bool]:
@@ -273,9 +295,20 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
               f"cohort {plan.cohort} -> {plan.num_trials} trials; results in {plan.sweep_uri}",
               flush=True)
         tuner = make_tuner(plan)
+    service = None
+    if plan.cohort > 1 or plan.space.points:  # the study, where every trial reaches it
+        service = start_service(plan.spec(), plan.space.to_dict(), plan.study_file,
+                                plan.num_samples, plan.resume)
     print(f"[{plan.name}] Optuna study: optuna-dashboard {plan.study_file}", flush=True)
     grid = tuner.fit()
-    complete = finalize(plan, grid, lock)
+    budget_spent = False
+    if service is not None:
+        import ray
+
+        budget_spent = ray.get(service.remaining.remote()) <= 0
+    complete = finalize(plan, grid, lock, budget_spent)
+    if complete and service is not None:
+        ray.get(service.finish.remote())  # nothing left open in the study
     print(summary(plan), flush=True)
     if not complete:
         print(f"[{plan.name}] the sweep did not finish; continue it with: "

@@ -27,6 +27,7 @@ TRIAL_TIMES = {"started_at": math.nan, "finished_at": math.nan, "setup_seconds":
                "report_seconds": math.nan}
 SPEC = "ufw"  # the trial config's key for everything that is not a sampled value
 MEMBERS = "members"  # cohort trials: the list of sampled points
+NUMBERS = "numbers"  # cohort trials: each point's Optuna trial number
 
 
 @dataclass
@@ -44,6 +45,12 @@ def trial_points(config: dict[str, Any]) -> list[dict[str, Any]]:
     if MEMBERS in config:
         return [dict(p) for p in config[MEMBERS]]
     return [{k: v for k, v in config.items() if k != SPEC}]
+
+
+def trial_numbers(config: dict[str, Any]) -> list[int | None]:
+    """Each point's Optuna trial number (cohort trials; None where the study is Ray's)."""
+    points = trial_points(config)
+    return list(config.get(NUMBERS, [None] * len(points)))
 
 
 def expand_members(spec: dict[str, Any], points: list[dict[str, Any]]) -> list[Member]:
@@ -96,20 +103,24 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
 def point_objectives(spec: dict[str, Any], members: list[Member],
                      rows: list[dict[str, Any]]) -> list[list[float] | None]:
     """Per sampled point: each objective's mean over its seeds (None: no seed has a value)."""
-    objectives = [Objective(*o) for o in spec["objectives"]]
     by_point: dict[int, list[dict]] = defaultdict(list)
     for m, row in zip(members, rows):
-        if row.get("status") != "failed":
-            by_point[m.point].append(row)
-    values: list[list[float] | None] = []
-    for point in range(max(m.point for m in members) + 1):
-        result = []
-        for o in objectives:
-            finite = [float(r[o.metric]) for r in by_point.get(point, [])
-                      if r.get(o.metric) is not None and math.isfinite(float(r[o.metric]))]
-            result.append(sum(finite) / len(finite) if finite else None)
-        values.append(None if any(v is None for v in result) else result)
-    return values
+        by_point[m.point].append(row)
+    return [objective_means(spec, by_point.get(point, []))
+            for point in range(max(m.point for m in members) + 1)]
+
+
+def objective_means(spec: dict[str, Any], rows: list[dict[str, Any]]) -> list[float] | None:
+    """One point's objectives: each one's mean over the rows (its seeds) that did not fail
+    and have a finite value; None if an objective has no such row."""
+    result = []
+    for metric, _direction in spec["objectives"]:
+        finite = [float(r[metric]) for r in rows if r.get("status") != "failed"
+                  and r.get(metric) is not None and math.isfinite(float(r[metric]))]
+        if not finite:
+            return None
+        result.append(sum(finite) / len(finite))
+    return result
 
 
 def summary_metrics(spec: dict[str, Any], values: list[list[float] | None]) -> dict[str, float]:

@@ -29,6 +29,7 @@ from ufw.space import (
     space_from_dict,
 )
 from ufw.study import study_file
+from ufw.sweep.study_service import PRUNERS
 from ufw.train import members_that_fit
 
 
@@ -54,6 +55,13 @@ class Plan:
     compile: bool = False
     checkpoint_seconds: float = 0.0
     source_sweep: str | None = None  # the sweep whose configurations this one re-trains
+    # --pruner and its knobs ({"pruner": "none"}: every configuration trains to its end)
+    pruning: dict[str, Any] = dataclasses.field(default_factory=lambda: {"pruner": "none"})
+
+    @property
+    def ray_scheduler(self) -> bool:
+        """With one configuration per Ray trial, Ray Tune's own scheduler prunes."""
+        return self.pruning["pruner"] != "none" and self.cohort == 1 and not self.space.points
 
     @property
     def sweep_uri(self) -> str:
@@ -79,7 +87,8 @@ class Plan:
                 "objectives": [[o.metric, o.direction] for o in self.space.objectives],
                 "cpus_per_trial": self.cpus_per_trial, "precision": self.precision,
                 "compile": self.compile, "checkpoint_seconds": self.checkpoint_seconds,
-                "source_sweep": self.source_sweep}
+                "source_sweep": self.source_sweep, "pruning": self.pruning,
+                "report_rows": self.ray_scheduler}
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -110,6 +119,21 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep (--name, or the latest of SPACE)")
     cli.speed_flags(p)
+    p.add_argument("--pruner", choices=PRUNERS, default="none",
+                   help="stop poor configurations early, each on its own: asha (asynchronous "
+                        "successive halving), hyperband, median, or none (default). With "
+                        "--cohort > 1 Optuna's pruner over the sweep's study decides and freed "
+                        "population slots train new configurations; with --cohort 1 Ray "
+                        "Tune's scheduler (ASHA, HyperBand, median stopping) does")
+    p.add_argument("--min-resource", type=int, default=1,
+                   help="epochs every configuration trains before it can be pruned (ASHA's "
+                        "grace period; median: warm-up); default 1")
+    p.add_argument("--reduction-factor", type=int, default=3,
+                   help="asha, hyperband: 1 in this many configurations goes on at each rung; "
+                        "default 3")
+    p.add_argument("--max-resource", type=int,
+                   help="hyperband (and Ray's ASHA): the most epochs a configuration trains; "
+                        "default max_epochs")
     p.add_argument("--checkpoint-seconds", type=float, default=0.0,
                    help="checkpoint a trial, and report its progress to Ray, at most this "
                         "often (0: every epoch); a large population's checkpoint is hundreds "
@@ -203,6 +227,7 @@ def make_plan(args) -> Plan:
         key = knob_name(key, "--set")
         overrides[key] = as_number(value) if is_numeric_key(key) else value
     first = space.validate_configs(overrides)
+    pruning = _pruning(args, space, first.max_epochs)
     # Absolute paths: Ray Tune runs trials in their own directories.
     data = absolute_data_paths(cli.data_flags(args, space.data))
     corpus = load_corpus(**data, batch_size=first.batch_size, seq_len=first.seq_len)
@@ -226,7 +251,7 @@ def make_plan(args) -> Plan:
                 max_concurrent=args.max_concurrent or defaults["max_concurrent"],
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                 overrides=overrides, data=data, dataset=corpus.name, resume=args.resume,
-                address=args.address, resources_per_trial=resources)
+                address=args.address, resources_per_trial=resources, pruning=pruning)
     if args.name is not None and (not args.name or "/" in args.name
                                   or args.name.startswith(".")):
         raise ConfigError(f"--name: {args.name!r} must be a plain, non-empty name")
@@ -244,6 +269,7 @@ def make_plan(args) -> Plan:
         saved = _load_plan(plan)  # the sweep as it was started, whatever the flags say now
         for key in ("num_samples", "cohort", "seeds", "overrides", "data", "dataset"):
             setattr(plan, key, saved[key])
+        plan.pruning = saved.get("pruning", {"pruner": "none"})
         plan.source_sweep = saved.get("source_sweep")
         plan.space = space_from_dict(saved["space"])
     else:
@@ -252,6 +278,25 @@ def make_plan(args) -> Plan:
             raise ConfigError(f"--name: a sweep {plan.name!r} already exists under {root}; "
                               "pass --resume to continue it or another --name")
     return plan
+
+
+def _pruning(args, space: SearchSpace, max_epochs: int) -> dict[str, Any]:
+    """--pruner and its knobs, checked (a pruner needs one objective to rank by)."""
+    if args.pruner == "none":
+        return {"pruner": "none"}
+    if len(space.objectives) > 1:
+        raise ConfigError(f"--pruner {args.pruner}: Optuna and Ray Tune prune by one objective; "
+                          f"this space has {len(space.objectives)}")
+    max_resource = args.max_resource or max_epochs
+    if args.min_resource < 1:
+        raise ConfigError(f"--min-resource: must be >= 1 epoch, got {args.min_resource}")
+    if args.reduction_factor < 2:
+        raise ConfigError(f"--reduction-factor: must be >= 2, got {args.reduction_factor}")
+    if not args.min_resource <= max_resource:
+        raise ConfigError(f"--max-resource: {max_resource} is below --min-resource "
+                          f"{args.min_resource}")
+    return {"pruner": args.pruner, "min_resource": args.min_resource,
+            "reduction_factor": args.reduction_factor, "max_resource": max_resource}
 
 
 def can_restore(experiment_path: str) -> bool:
@@ -285,7 +330,7 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
             "num_samples": plan.num_samples, "cohort": plan.cohort, "seeds": plan.seeds,
             "overrides": plan.overrides, "data": plan.data, "dataset": plan.dataset,
             "precision": plan.precision, "compile": plan.compile,
-            "source_sweep": plan.source_sweep,
+            "source_sweep": plan.source_sweep, "pruning": plan.pruning,
             "ufw_version": ufw.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

@@ -1,9 +1,11 @@
 """`run_trial`: the Ray Tune function trainable that trains one trial's members.
 
 Members that can share one model (the same shapes) train together as one population
-(ufw.train.Population); the trial reports every epoch (or every --checkpoint-seconds) with a
-checkpoint of its populations, so that a retried or resumed trial continues from its last
-epoch, and its final report carries every member's rows.
+(ufw.train.Population), kept by a Cohort (ufw/sweep/cohort.py). After each epoch a cohort
+trial tells the sweep's study actor its results, and with a pruner reports each configuration's
+objective, stops those the pruner stops and refills the freed slots. The trial reports to Ray
+every epoch (or every --checkpoint-seconds) with a checkpoint, so that a retried or resumed
+trial continues from its last epoch, and its final report carries every member's rows.
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ import torch
 from ufw import tensorfile
 from ufw.config import ConfigError
 from ufw.data import load_corpus
+from ufw.sweep.cohort import Cohort
 from ufw.sweep.members import (
     SPEC,
     TRIAL_TIMES,
-    Member,
     expand_members,
     failed_rows,
+    objective_means,
     point_objectives,
     summary_metrics,
     sweep_columns,
+    trial_numbers,
     trial_points,
 )
+from ufw.sweep.study_service import find_service
 
 HEAVY_KEYS = ("rows", "epoch_rows")  # final-result keys the driver removes once written
 STATE_FILE = "population.safetensors"
@@ -66,8 +71,7 @@ def _report_failed(config: dict[str, Any], error: str) -> None:
         "node_id": ray.get_runtime_context().get_node_id(), "finished_at": time.time()})
     values = point_objectives(spec, members, rows)
     tune.report({**summary_metrics(spec, values), "epoch": 0, "members_running": 0,
-                 "rows": json.dumps(rows), "epoch_rows": "[]",
-                 "objective_values": json.dumps(values)})
+                 "final": True, "rows": json.dumps(rows), "epoch_rows": "[]"})
 
 
 def _train_members(config: dict[str, Any]) -> None:
@@ -80,31 +84,34 @@ def _train_members(config: dict[str, Any]) -> None:
     started = time.time()
     spec = config[SPEC]
     torch.set_num_threads(max(1, int(spec.get("cpus_per_trial", 1))))
-    members = expand_members(spec, trial_points(config))
     device, gpu = _device()
     context = ray.get_runtime_context()
-    extra = {**sweep_columns(spec), "trial_id": tune.get_context().get_trial_id(),
+    trial_id = tune.get_context().get_trial_id()
+    extra = {**sweep_columns(spec), "trial_id": trial_id,
              "node": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "gpu": gpu,
              "resumed_from_epoch": 0,  # > 0: restarted from a checkpoint of that many epochs
              # where a trial's wall time goes (bench/sweep_throughput.py sums it up)
              **TRIAL_TIMES, "started_at": started}
-    trainable = [m for m in members if m.config is not None]
-    groups: dict[tuple, list[Member]] = {}
-    for m in trainable:  # members that can share one model (same shapes) train together
-        groups.setdefault(m.config.shape_key, []).append(m)
-    groups_list = list(groups.values())
     corpora: dict[tuple[int, int], Any] = {}
-    populations = []
-    for group in groups_list:
-        c = group[0].config
+
+    def make_population(configs):
+        c = configs[0]
         key = (c.batch_size, c.seq_len)
         if key not in corpora:
-            corpora[key] = load_corpus(**spec["data"], batch_size=c.batch_size, seq_len=c.seq_len)
-        populations.append(Population([m.config for m in group], corpora[key], device,
-                                      compile=spec.get("compile", False),
-                                      precision=spec.get("precision", "fp32")))
+            corpora[key] = load_corpus(**spec["data"], batch_size=c.batch_size,
+                                       seq_len=c.seq_len)
+        return Population(configs, corpora[key], device, compile=spec.get("compile", False),
+                          precision=spec.get("precision", "fp32"))
 
+    cohort = Cohort(spec, make_population)
+    numbers = trial_numbers(config)
+    # Cohort trials reach the sweep's study actor (per-epoch pruning, tells, refills);
+    # with one configuration per trial the study is Ray Tune's OptunaSearch's.
+    service = find_service(spec["sweep"]) if any(n is not None for n in numbers) else None
+    pruning = service is not None and spec.get("pruning", {}).get("pruner", "none") != "none"
     epoch_rows: list[dict[str, Any]] = []
+    refill = Refill(service, trial_id)
+    nothing_left = False  # the study has no configuration left for a refill
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -112,26 +119,19 @@ def _train_members(config: dict[str, Any]) -> None:
             # (a damaged or foreign one fails the trial, with the reason, and is not retried).
             state = tensorfile.load(os.path.join(d, STATE_FILE), tensorfile.CHECKPOINT, device,
                                     what="checkpoint")
-        for population, saved in zip(populations, state["populations"]):
-            population.load_state_dict(saved)
-        epoch_rows = state["epoch_rows"]
+        cohort.load_state_dict(state["cohort"])
+        epoch_rows, refill.exhausted = state["epoch_rows"], state["exhausted"]
+        refill.spare = [tuple(p) for p in state["spare"]]
         # Retried (a failure, a lost node) or resumed: how many epochs the checkpoint held.
-        extra["resumed_from_epoch"] = max((p.epoch for p in populations), default=0)
-
-    def result_rows() -> list[dict[str, Any]]:
-        by_index: dict[int, dict[str, Any]] = {}
-        for group, population in zip(groups_list, populations):
-            for m, row in zip(group, population.results()):
-                row.update(member=m.index, cohort_size=len(members), preset=m.preset, **extra)
-                row["torch_version"] = str(row.get("torch_version"))
-                by_index[m.index] = row
-        failed = failed_rows(spec, [m for m in members if m.config is None], "", extra)
-        for m, row in zip([m for m in members if m.config is None], failed):
-            row["cohort_size"] = len(members)
-            by_index[m.index] = row
-        return [by_index[i] for i in range(len(members))]
+        extra["resumed_from_epoch"] = max((p.epoch for p in cohort.populations), default=0)
+    else:
+        cohort.add(trial_points(config), numbers)
+    if service is not None:  # what it holds now; refills asked after its checkpoint: orphans
+        held = [n for n in cohort.numbers if n is not None] + [n for n, _ in refill.spare]
+        ray.get(service.hold.remote(trial_id, held))
 
     last_checkpoint = [time.monotonic()]
+    report_rows = spec.get("report_rows", False)  # Ray Tune's scheduler may stop it any epoch
 
     def report(final: bool) -> None:
         """Report to Ray: every epoch, or with --checkpoint-seconds only when a checkpoint
@@ -142,44 +142,95 @@ def _train_members(config: dict[str, Any]) -> None:
             return
         if final:
             extra["finished_at"] = time.time()
-        rows = result_rows()
-        values = point_objectives(spec, members, rows)
+        values = [objective_means(spec, [cohort.row(m.index) for m in cohort.point_members(p)])
+                  for p in range(len(cohort.points))]
         metrics: dict[str, Any] = {
-            **summary_metrics(spec, values),
-            "epoch": max((p.epoch for p in populations), default=0),
-            "members_running": sum(m.status == "running" for p in populations
-                                   for m in p.members)}
+            **summary_metrics(spec, values), "final": final,
+            "epoch": max((p.epoch for p in cohort.populations), default=0),
+            "members_running": sum(cohort.status(m.index) == "running" for m in cohort.members)}
+        if final or report_rows:
+            metrics.update(rows=json.dumps(cohort.result_rows(extra)),
+                           epoch_rows=json.dumps(epoch_rows))
         if final:  # no checkpoint: Ray would keep these rows with it in its experiment state
-            metrics.update(rows=json.dumps(rows), epoch_rows=json.dumps(epoch_rows),
-                           objective_values=json.dumps(values))
             tune.report(metrics)
             return
         last_checkpoint[0] = start
         with tempfile.TemporaryDirectory() as d:
             tensorfile.save(os.path.join(d, STATE_FILE),
-                            {"populations": [p.state_dict() for p in populations],
-                             "epoch_rows": epoch_rows}, tensorfile.CHECKPOINT)
+                            {"cohort": cohort.state_dict(), "epoch_rows": epoch_rows,
+                             "exhausted": refill.exhausted, "spare": refill.spare},
+                            tensorfile.CHECKPOINT)
             tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
         extra["report_seconds"] += time.monotonic() - start
 
     extra["setup_seconds"] = time.time() - started  # corpus, model, checkpoint loading
     extra["report_seconds"] = 0.0
-    trained = False
-    while not all(p.finished for p in populations):
-        for group, population in zip(groups_list, populations):
-            if population.finished:
-                continue
-            for row in population.run_epoch():
-                m = group[row["member"]]
-                row.update(member=m.index, seed=m.config.seed, config_id=m.config.config_id,
-                           sweep=spec["sweep"], trial_id=extra["trial_id"])
-                epoch_rows.append(row)
-        trained = True
-        report(final=all(p.finished for p in populations))
-    if not trained:  # restored after the last epoch, or nothing could be trained
-        report(final=True)
+    while True:
+        trained = []
+        if not cohort.finished:
+            rows = cohort.run_epoch()
+            for row in rows:
+                row.update(sweep=spec["sweep"], trial_id=trial_id)
+            epoch_rows.extend(rows)
+            trained = sorted({cohort.members[r["member"]].point: r["epoch"] for r in rows}.items())
+        if service is not None:
+            if pruning and trained:
+                reports = [(cohort.numbers[p], epoch, cohort.objective(p)) for p, epoch in trained]
+                stopped = set(ray.get(service.report.remote(reports)))
+                cohort.prune([p for p, _ in trained if cohort.numbers[p] in stopped])
+            told = {p: v for p, v in cohort.point_values().items() if p not in cohort.told}
+            if told:  # the study learns each result as soon as it is known
+                ray.get(service.tell.remote([(cohort.numbers[p], v) for p, v in told.items()]))
+                cohort.told.update(told)
+            if pruning:  # freed slots train new configurations: the population keeps its size
+                nothing_left = refill.fill(cohort)
+        if cohort.finished and (nothing_left or not pruning):
+            break
+        report(final=False)
+    report(final=True)
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+class Refill:
+    """New configurations for a trial's freed slots, asked from the study actor one epoch
+    ahead: asking is slow in a large study (TPE: tens of ms per configuration after a few
+    thousand), and a population waiting on it would leave its GPU idle. As many are asked
+    for the next epoch as slots freed in this one; only a shortfall is asked and waited for.
+    The spare configurations are this trial's (they travel in its checkpoint)."""
+
+    def __init__(self, service, holder: str):
+        self.service, self.holder = service, holder
+        self.spare: list[tuple[int, dict[str, Any]]] = []  # (Optuna number, sampled values)
+        self.asking = None  # (object ref, how many) of the ask for the next epoch
+        self.exhausted = False
+
+    def fill(self, cohort: Cohort) -> bool:
+        """Refill `cohort`'s free slots; returns True once the study has nothing left."""
+        import ray
+
+        free = cohort.free_slots()
+        if self.asking is not None and (free or self.exhausted
+                                        or ray.wait([self.asking[0]], timeout=0)[0]):
+            self._take(*self.asking)
+            self.asking = None
+        if len(self.spare) < len(free) and not self.exhausted:
+            wanted = len(free) - len(self.spare)
+            self._take(self.service.ask.remote(wanted, self.holder), wanted)
+        placed, self.spare = self.spare[:len(free)], self.spare[len(free):]
+        if placed:
+            cohort.add([values for _, values in placed], [n for n, _ in placed],
+                       free[:len(placed)])
+        if free and self.asking is None and not self.exhausted:
+            self.asking = (self.service.ask.remote(len(free), self.holder), len(free))
+        return self.exhausted and not self.spare and self.asking is None
+
+    def _take(self, ref, wanted: int) -> None:
+        import ray
+
+        asked = [tuple(p) for p in ray.get(ref)]
+        self.spare.extend(asked)
+        self.exhausted = self.exhausted or len(asked) < wanted
 
 
 def trial_dirname(trial) -> str:

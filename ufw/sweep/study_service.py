@@ -1,0 +1,209 @@
+"""The sweep's Optuna study as one Ray actor: asks, tells, and per-epoch pruning decisions.
+
+With `--cohort K` one Ray trial trains K configurations, so Ray Tune's schedulers could only
+stop all of them together. Pruning is therefore done per configuration by Optuna's own
+pruners (successive halving / ASHA, Hyperband, median) over the sweep's study, and the study
+lives in one actor that every trial on every node reaches through Ray: Ray already connects
+the nodes, an actor needs no port, storage or credentials of its own, and each decision sees
+every configuration reported so far, whichever trial or node trained it. (Optuna's gRPC
+storage proxy would do the same with a server to start, secure and find.)
+
+The actor runs on the driver's node and keeps the study in the sweep's journal file
+(ufw/study.py): intermediate values, the rungs' records and the pruning decisions already
+taken survive a killed driver, and `--resume` continues from them.
+
+Who holds which Optuna trial: each asked trial records its holder (user attribute
+`ufw_holder`: a Ray trial id, or "searcher" while a cohort waits for its Ray trial). A Ray
+trial restarted from a checkpoint says which trials it still holds; trials it had asked for
+after that checkpoint are closed as failed orphans (user attribute `ufw_orphan`) and do not
+count against `--num-samples`, so no configuration is lost or trained twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any
+
+HOLDER = "ufw_holder"
+ORPHAN = "ufw_orphan"
+PRUNERS = ("none", "asha", "hyperband", "median")
+
+
+def service_name(sweep: str) -> str:
+    """The Ray name of a sweep's study actor (trials find it by this name)."""
+    return f"ufw-study-{sweep}"
+
+
+def make_pruner(pruning: dict[str, Any] | None):
+    """Optuna's pruner for `--pruner` and its knobs (None or "none": never prune)."""
+    import optuna
+
+    kind = (pruning or {}).get("pruner", "none")
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    min_resource = pruning.get("min_resource", 1)
+    factor = pruning.get("reduction_factor", 3)
+    if kind == "asha":  # Optuna's SuccessiveHalvingPruner is asynchronous (ASHA)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource,
+                                                      reduction_factor=factor)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min_resource,
+                                              max_resource=pruning["max_resource"],
+                                              reduction_factor=factor)
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=min_resource - 1)
+    raise ValueError(f"pruner: {kind!r}; allowed: {', '.join(PRUNERS)}")
+
+
+class StudyService:
+    """The sweep's study, its sampler and pruner, and the budget of `num_samples`.
+
+    Made a Ray actor by `start_service`; a plain object in tests of the rules. Its methods
+    are called from several threads of the actor (max_concurrency), so a lock keeps the
+    budget's bookkeeping consistent; Optuna's storage has its own.
+    """
+
+    def __init__(self, space: dict[str, Any], study_file: str, study_name: str,
+                 num_samples: int, pruning: dict[str, Any] | None = None,
+                 resume: bool = False):
+        import optuna
+
+        from ufw.space import space_from_dict
+        from ufw.study import journal_storage
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.space = space_from_dict(space)
+        self.study = self.space.create_study(journal_storage(study_file), study_name)
+        self.study.pruner = make_pruner(pruning)
+        self.num_samples = num_samples
+        self._lock = threading.Lock()
+        if resume:  # a cohort asked but never handed to a Ray trial: nobody will train it
+            self._close_orphans(lambda t: t.user_attrs.get(HOLDER) == "searcher")
+
+    # ------------------------------------------------------------------ asking
+    def remaining(self) -> int:
+        """Configurations still to ask: num_samples minus those asked (orphans excluded)."""
+        trials = self.study.get_trials(deepcopy=False)
+        return self.num_samples - sum(not t.user_attrs.get(ORPHAN) for t in trials)
+
+    def ask(self, n: int, holder: str) -> list[tuple[int, dict[str, Any]]]:
+        """Up to n new configurations as (Optuna trial number, sampled values); fewer, or
+        none, when the budget is spent."""
+        with self._lock:  # two askers must not both take the last configurations
+            n = max(0, min(n, self.remaining()))
+            asked = []
+            for _ in range(n):
+                trial = self.study.ask()
+                trial.set_user_attr(HOLDER, holder)
+                asked.append((trial.number, self.space.sample(trial)))
+            return asked
+
+    def hold(self, holder: str, numbers: list[int]) -> None:
+        """These trials are now `holder`'s (a Ray trial given a cohort, or restarted from a
+        checkpoint holding them); any other running trial it held (asked for after that
+        checkpoint) is an orphan."""
+        keep = set(numbers)
+        with self._lock:
+            trials = self.study.get_trials(deepcopy=False)
+            for n in numbers:
+                if not trials[n].state.is_finished():  # told ones stay as they are
+                    self._trial(n).set_user_attr(HOLDER, holder)
+            self._close_orphans(lambda t: t.user_attrs.get(HOLDER) == holder
+                                and t.number not in keep)
+
+    # ------------------------------------------------------------------ results
+    def report(self, reports: list[tuple[int, int, float]]) -> list[int]:
+        """Intermediate values (trial number, epoch, objective value); returns the numbers
+        the pruner stops now, told to the study as PRUNED."""
+        import optuna
+
+        pruned = []
+        trials = self.study.get_trials(deepcopy=False)
+        for number, step, value in reports:
+            state = trials[number].state
+            if state == optuna.trial.TrialState.PRUNED:  # decided before a driver was killed:
+                pruned.append(number)                     # the decision stands
+                continue
+            if state.is_finished():
+                continue
+            trial = self._trial(number)
+            trial.report(value if math.isfinite(value) else math.nan, step)
+            if trial.should_prune():
+                self.study.tell(number, state=optuna.trial.TrialState.PRUNED,
+                                skip_if_finished=True)
+                pruned.append(number)
+        return pruned
+
+    def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
+        """Final objective values per trial number (None: failed)."""
+        import optuna
+
+        for number, values in results:
+            if values is None:
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL,
+                                skip_if_finished=True)
+            else:
+                self.study.tell(number, values if len(values) > 1 else values[0],
+                                skip_if_finished=True)
+
+    def end(self, holder: str) -> None:
+        """A Ray trial is over (finished or failed for good): what it held and did not tell
+        failed."""
+        import optuna
+
+        for t in self.study.get_trials(deepcopy=False,
+                                       states=(optuna.trial.TrialState.RUNNING,)):
+            if t.user_attrs.get(HOLDER) == holder:
+                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL,
+                                skip_if_finished=True)
+
+    def finish(self) -> None:
+        """The sweep is over: no running trial is left open in the study."""
+        self._close_orphans(lambda t: True)
+
+    # ------------------------------------------------------------------ helpers
+    def _trial(self, number: int):
+        import optuna
+
+        storage = self.study._storage  # Optuna's documented storage API, on the study's own
+        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id,
+                                                                   number)
+        return optuna.trial.Trial(self.study, trial_id)
+
+    def _close_orphans(self, is_orphan) -> None:
+        """Fail the running trials `is_orphan` picks, marked so they leave the budget."""
+        import optuna
+
+        for t in self.study.get_trials(deepcopy=False,
+                                       states=(optuna.trial.TrialState.RUNNING,)):
+            if is_orphan(t):
+                self._trial(t.number).set_user_attr(ORPHAN, True)
+                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL,
+                                skip_if_finished=True)
+
+
+def start_service(plan_spec: dict[str, Any], space: dict[str, Any], study_file: str,
+                  num_samples: int, resume: bool):
+    """The sweep's StudyService as a named Ray actor on this (the driver's) node, beside
+    the journal file."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    name = service_name(plan_spec["sweep"])
+    with contextlib.suppress(ValueError):  # left by an earlier run in this process (tests)
+        ray.kill(ray.get_actor(name))
+    actor = ray.remote(StudyService).options(
+        name=name, num_cpus=0, max_concurrency=8,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+    return actor.remote(space, study_file, plan_spec["sweep"], num_samples,
+                        plan_spec.get("pruning"), resume)
+
+
+def find_service(sweep: str):
+    """The running sweep's StudyService actor (from a trial or the searcher)."""
+    import ray
+
+    return ray.get_actor(service_name(sweep))
