@@ -30,6 +30,8 @@ from ufw.analysis import (
     best_configurations,
     confirmation_table,
     format_table,
+    left_out,
+    left_out_note,
     load_sweep,
     top_configurations,
 )
@@ -43,7 +45,8 @@ FALLBACK_BASELINE = "standard_llm"
 
 def choose(sweep: Sweep, top: int) -> pd.DataFrame:
     """The sweep's top configurations (seed means): by its objective, or for two objectives
-    its Pareto front (best first by the first objective), at most ``top`` of them."""
+    its Pareto front (best first by the first objective), at most ``top`` of them. Only
+    completed configurations are candidates: a pruned one was never trained to its end."""
     objectives = {m: d[:3] for m, d in sweep.objectives.items()}
     if len(objectives) > 1:
         return best_configurations(sweep.trials, objectives, sweep.params).head(top)
@@ -166,6 +169,10 @@ def confirm(results: str, top: int = 5, seeds: int = 5, baseline: str | None = N
             generated, base_id, _ = confirmation_space(source, top, seeds, baseline)
         except AnalysisError as e:
             raise ConfigError(str(e)) from None
+        skipped = left_out_note(left_out(source.trials))
+        if skipped:  # say that the top K are of the finished configurations only
+            print(f"[{source.name}] choosing among completed configurations. {skipped}",
+                  flush=True)
         explicit_root = any(a.startswith("--results") for a in sweep_args)
         passed.results = passed.results if explicit_root else _results_root(source)
         passed.name = passed.name or f"{source.name}-confirm"

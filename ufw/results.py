@@ -56,7 +56,7 @@ RESULT_TYPES: dict[str, pa.DataType] = {
     "node": pa.string(), "node_id": pa.string(), "gpu": pa.string(),
     "started_at": pa.float64(), "finished_at": pa.float64(), "setup_seconds": pa.float64(),
     "ended_at": pa.float64(), "optuna_number": pa.int64(),
-    "report_seconds": pa.float64(),
+    "report_seconds": pa.float64(), "study_seconds": pa.float64(),
     "epoch": pa.int64(), "train_loss": pa.float64(), "val_ppl": pa.float64(),
     "alpha": pa.float64(), "epoch_seconds": pa.float64(),
 }

@@ -31,6 +31,8 @@ from ufw.analysis.loading import (
     completed,
     default_results,
     latest_sweep,
+    left_out,
+    left_out_note,
     load_results,
     load_sweep,
 )
@@ -55,6 +57,8 @@ __all__ = [
     "format_table",
     "importance",
     "latest_sweep",
+    "left_out",
+    "left_out_note",
     "load_results",
     "load_sweep",
     "main",

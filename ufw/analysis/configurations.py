@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ufw.analysis.loading import AnalysisError, completed, require
+from ufw.analysis.loading import AnalysisError, completed, left_out, require
 from ufw.config import PRESETS, UniversalConfig
 
 # Columns that are not hyperparameters: identity, metrics, outcome and provenance. When a
@@ -218,7 +218,9 @@ def config_means(
     configurations are compared and plotted. Columns: ``config_id``, ``model`` (its label,
     configuration_labels), ``n_seeds``, the means of the metric columns (and of ``extra``),
     ``ppl_std`` over seeds (NaN for one seed), then the configuration's own columns.
-    ``params``: the swept columns (swept_columns infers them when not given).
+    ``params``: the swept columns (swept_columns infers them when not given). Configurations
+    without a completed row (pruned, failed) are not among them; ``attrs["left_out"]`` counts
+    them (loading.left_out), so that every table and figure built on this can say so.
     """
     require(trials, ("config_id",), "trials", "the frame")
     done = completed(trials)
@@ -233,5 +235,5 @@ def config_means(
     out = pd.concat([groups.size().rename("n_seeds"), groups[metrics].mean(),
                      groups["best_ppl"].std().rename("ppl_std"), config], axis=1).reset_index()
     out.insert(1, "model", configuration_labels(out, params))
-    out.attrs["params"] = list(params)
+    out.attrs.update(params=list(params), left_out=left_out(trials))
     return out

@@ -56,8 +56,10 @@ def configuration_study(
     configurations.swept_columns), with distributions inferred from the values: numbers ->
     Float/IntDistribution over the observed range (log when positive and spanning >= 100x),
     the rest -> CategoricalDistribution of the values as text. A null value leaves the
-    parameter out of that trial (a conditional parameter). Raises AnalysisError when fewer than
-    two configurations or no varying parameter remain.
+    parameter out of that trial (a conditional parameter). Only configurations with a completed
+    row take part: a pruned one's value is that of a partly trained model. The study's user
+    attribute ``left_out`` counts the others (loading.left_out). Raises AnalysisError when
+    fewer than two configurations or no varying parameter remain.
     """
     import optuna
 
@@ -89,6 +91,7 @@ def configuration_study(
     try:
         study = optuna.create_study(direction="minimize", study_name=target)
         study.add_trials(frozen)
+        study.set_user_attr("left_out", means.attrs["left_out"])
     finally:
         optuna.logging.set_verbosity(verbosity)
     return study
@@ -120,7 +123,8 @@ def importance(
     importance of reaching the best ``quantile`` of configurations, default max(0.1, 5/n) so
     that at least ~5 are in the top set as the PED-ANOVA authors advise) or ``"fanova"``
     (FanovaImportanceEvaluator, a random-forest fANOVA; needs scikit-learn). Returns
-    normalised importances (sum 1), highest first, one per swept knob that varies.
+    normalised importances (sum 1), highest first, one per swept knob that varies;
+    ``attrs["left_out"]`` counts the configurations without a completed row (not evaluated).
     """
     import optuna
 
@@ -143,4 +147,6 @@ def importance(
         result = optuna.importance.get_param_importances(study, evaluator=evaluator)
     series = pd.Series(result, name="importance", dtype=float)
     series.index.name = "param"
-    return series.sort_values(ascending=False, kind="stable")
+    series = series.sort_values(ascending=False, kind="stable")
+    series.attrs["left_out"] = study.user_attrs["left_out"]
+    return series

@@ -128,10 +128,41 @@ def load_results(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def completed(trials: pd.DataFrame) -> pd.DataFrame:
-    """Rows whose training completed: pruned and failed runs have no comparable best PPL."""
+    """Rows whose training completed: pruned and failed runs have no comparable best PPL.
+
+    ``status`` (docs/design.md): ``completed`` (trained to its early stop or epoch limit),
+    ``pruned`` (stopped early by the sweep's pruner: its metrics are those of a partly trained
+    model, so ranking it beside finished ones would flatter or bury it) or ``failed``.
+    """
     require(trials, ("status", "best_ppl"), "trials", "the frame")
     done = trials[(trials["status"] == "completed") & trials["best_ppl"].notna()]
     return done.reset_index(drop=True)
+
+
+def left_out(trials: pd.DataFrame) -> dict[str, int]:
+    """How many configurations have no completed row, by why: ``pruned`` when the pruner
+    stopped any of its rows, else its rows' status (``failed``). Rankings, fronts and
+    importance leave these out (completed()), and say so with left_out_note()."""
+    require(trials, ("status", "best_ppl"), "trials", "the frame")
+    key = trials["config_id"] if "config_id" in trials.columns else pd.Series(trials.index)
+    key = key.astype(str).to_numpy()  # one label per configuration, null ones included
+    status = trials["status"].to_numpy()
+    finished = (status == "completed") & trials["best_ppl"].notna().to_numpy()
+    unfinished = ~pd.Series(key).isin(set(key[finished])).to_numpy()
+    pruned = set(key[unfinished & (status == "pruned")])
+    why = pd.Series(status[unfinished], index=key[unfinished]).groupby(level=0).first()
+    why[why.index.isin(pruned)] = "pruned"
+    return {str(k): int(v) for k, v in why.value_counts().items()}
+
+
+def left_out_note(counts: dict[str, int]) -> str | None:
+    """One sentence for the configurations left_out() counted, or None when there are none."""
+    if not counts:
+        return None
+    parts = [f"{n} {why}" for why, n in sorted(counts.items())]
+    pruned = (" (pruned: stopped early by the sweep's pruner, so only partly trained)"
+              if "pruned" in counts else "")
+    return f"Left out: {', '.join(parts)} configuration(s) without a completed row{pruned}."
 
 
 # ----------------------------------------------------------------------------- a sweep

@@ -21,6 +21,15 @@ def _short(label: object) -> str:
     return text if len(text) <= MAX_LABEL else text[:MAX_LABEL - 3] + "..."
 
 
+def left_out_suffix(frame: pd.DataFrame | pd.Series) -> str:
+    """Title text for the configurations a table left out (``attrs["left_out"]``: pruned,
+    failed), so that a figure of finished configurations never passes for the whole sweep."""
+    counts = frame.attrs.get("left_out") or {}
+    if not counts:
+        return ""
+    return "; left out: " + ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+
+
 def readable_log_axis(ax, axis: str = "y") -> None:
     """A log axis labelled with plain numbers (20, 30, 50) rather than 2x10^1."""
     import matplotlib.ticker as ticker
@@ -53,8 +62,8 @@ def plot_comparison(table: pd.DataFrame, sweep: str, top: int = 15):
                     xytext=(4, -3), textcoords="offset points", fontsize=7)
     ax.set_xlim(0.95 * (shown["ppl_mean"] - err).min(), 1.05 * (shown["ppl_mean"] + err).max())
     ax.set_xlabel("validation PPL (mean over seeds; bars: 95% CI where >= 2 seeds)")
-    ax.set_title(f"{sweep}: best PPL of the top {len(shown)} of {len(table)} configurations",
-                 fontsize=10)
+    ax.set_title(f"{sweep}: best PPL of the top {len(shown)} of {len(table)} completed "
+                 f"configurations{left_out_suffix(table)}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -75,7 +84,8 @@ def plot_pareto(means: pd.DataFrame, front: pd.DataFrame, sweep: str,
                     xytext=(5, 6 if i % 2 else -10), textcoords="offset points")
     ax.set_xlabel("compute (% of full depth)")
     ax.set_ylabel("validation PPL (mean over seeds)")
-    ax.set_title(f"{sweep}: PPL against compute, {len(means)} configurations", fontsize=10)
+    ax.set_title(f"{sweep}: PPL against compute, {len(means)} completed configurations"
+                 f"{left_out_suffix(means)}", fontsize=10)
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
@@ -145,7 +155,9 @@ def plot_importance(importances: Mapping[str, pd.Series], sweep: str):
         ax.barh(s.index, s.values, color="tab:green")
         ax.set_xlabel("importance (PED-ANOVA, normalised)")
         ax.set_title(target)
-    fig.suptitle(f"{sweep}: importance of the swept parameters", fontsize=10)
+    first = next(iter(importances.values()), pd.Series(dtype=float))
+    fig.suptitle(f"{sweep}: importance of the swept parameters{left_out_suffix(first)}",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from ufw.analysis.configurations import config_means, swept_columns
-from ufw.analysis.loading import AnalysisError, completed
+from ufw.analysis.loading import AnalysisError, completed, left_out_note
 
 DEFAULT_BASELINE = "standard_llm"  # the seed framework's reference model, when a sweep has it
 
@@ -74,6 +74,8 @@ def comparison_table(
     ``baseline``: a configuration's label or config_id (default: the configuration that is
     ``standard_llm`` exactly, when the sweep has one; else no comparison). ``params``: the
     swept columns (from the sweep's record; inferred when not given). Sorted by rank.
+    Only completed rows are compared; the notes count the configurations left out (pruned,
+    failed), and ``attrs["left_out"]`` holds those counts.
     """
     if not 0 < confidence < 1:
         raise AnalysisError(f"confidence must be in (0, 1), got {confidence}")
@@ -99,6 +101,9 @@ def comparison_table(
     table.insert(0, "rank", table["ppl_mean"].rank(method="min").astype(int))
 
     notes = [f"One row per configuration ({len(table)}); Seeds = its replicates."]
+    skipped = left_out_note(means.attrs["left_out"])
+    if skipped:
+        notes.append(skipped)
     single = int((table["n_seeds"] < 2).sum())
     if single:
         notes.append(f"No CI for the {single} configuration(s) with one seed: a single run "
@@ -123,7 +128,7 @@ def comparison_table(
         baseline = str(table.at[b, "model"])
     table = table.sort_values(["rank", "model"], kind="stable").reset_index(drop=True)
     table.attrs.update(kind="configurations", baseline=baseline, confidence=confidence,
-                       notes=notes, params=list(params))
+                       notes=notes, params=list(params), left_out=means.attrs["left_out"])
     return table
 
 
@@ -161,9 +166,11 @@ def marginal_table(
     table.insert(0, "rank", table["ppl_mean"].rank(method="min").astype(int))
     table = table.sort_values(["rank", "group"], kind="stable").reset_index(drop=True)
     label = ", ".join(cols)
-    table.attrs.update(kind="marginal", by=label, notes=[
-        f"Marginal over configurations by {label}: each configuration (its seeds averaged) "
-        "counts once; SD is the spread across configurations, not an error bar over seeds."])
+    notes = [f"Marginal over configurations by {label}: each configuration (its seeds averaged) "
+             "counts once; SD is the spread across configurations, not an error bar over seeds."]
+    skipped = left_out_note(means.attrs["left_out"])
+    table.attrs.update(kind="marginal", by=label, notes=notes + ([skipped] if skipped else []),
+                       left_out=means.attrs["left_out"])
     return table
 
 

@@ -185,7 +185,9 @@ def summary(plan: Plan, top: int = 10) -> str:
     lines = []
     objectives = plan.space.objectives
     if len(frame):
-        ok = frame[frame["status"] != "failed"]
+        # only finished configurations are ranked: a pruned row's metrics are those of a
+        # partly trained model (the Rows line below still counts pruned and failed rows)
+        ok = frame[frame["status"] == "completed"]
         params = [c for c in (parameter_column(p.name) for p in plan.space.parameters)
                   if c and c in frame]
         metrics = [o.metric for o in objectives]

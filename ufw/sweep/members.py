@@ -24,7 +24,7 @@ from ufw.space import Objective, build_config, parameter_column
 # Unix times of a trial's start and end, its set-up before the first epoch, and the time it
 # waited on Ray for its progress reports and checkpoints (NaN: unknown).
 TRIAL_TIMES = {"started_at": math.nan, "finished_at": math.nan, "setup_seconds": math.nan,
-               "report_seconds": math.nan}
+               "report_seconds": math.nan, "study_seconds": math.nan}
 SPEC = "ufw"  # the trial config's key for everything that is not a sampled value
 MEMBERS = "members"  # cohort trials: the list of sampled points
 NUMBERS = "numbers"  # cohort trials: each point's Optuna trial number
@@ -94,7 +94,7 @@ def failed_rows(spec: dict[str, Any], members: list[Member], error: str,
                    dataset=spec.get("dataset"))
         row.update(**sweep_columns(spec), trial_id=None, preset=m.preset,
                    seed=m.config.seed if m.config else None, node=None, node_id=None, gpu=None,
-                   resumed_from_epoch=0, **TRIAL_TIMES)
+                   resumed_from_epoch=0, **TRIAL_TIMES, ended_at=math.nan, optuna_number=None)
         row.update(extra or {})
         rows.append(row)
     return rows

@@ -29,11 +29,11 @@ class _CohortSearcher:
     (ufw/sweep/study_service.py), which the trials reach too (per-epoch pruning, refills).
     Asking is slow once a study is large (TPE refits its estimators for every parameter of
     every configuration: seconds per cohort after a thousand trials), and the driver thread
-    that would wait for it also serves every running trial's reports. So the next cohort is
-    asked in the actor's process as soon as one is handed out (without a pruner), and `suggest` returns None
-    (Tune asks again shortly) while it is still being asked: a slot that frees up gets its
-    trial at once. The price: a cohort is sampled without the results of the trials running
-    when it was asked, as if one more trial ran at once.
+    that would wait for it also serves every running trial's reports. So (without a pruner)
+    the next cohort is asked in the actor's process as soon as one is handed out, and
+    `suggest` returns None (Tune asks again shortly) while it is still being asked: a slot
+    that frees up gets its trial at once. The price: a cohort is sampled without the results
+    of the trials running when it was asked, as if one more trial ran at once.
 
     Its state is JSON (`save`/`restore`): which Ray trial holds which Optuna trials. The
     study itself is in its journal file; nothing here is pickled by ufw.

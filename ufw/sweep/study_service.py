@@ -71,16 +71,21 @@ class StudyService:
         import optuna
 
         from ufw.space import space_from_dict
-        from ufw.study import journal_storage
+        from ufw.study import batched_journal, journal_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.space = space_from_dict(space)
-        self.study = self.space.create_study(journal_storage(study_file), study_name)
+        # This actor alone writes the study while the sweep runs: each call's operations
+        # reach the file together, before the call returns (ufw/study.py).
+        self.journal = batched_journal(study_file)
+        self.study = self.space.create_study(journal_storage(study_file, self.journal),
+                                             study_name)
         self.study.pruner = make_pruner(pruning)
         self.num_samples = num_samples
         self._lock = threading.Lock()
         if resume:  # a cohort asked but never handed to a Ray trial: nobody will train it
             self._close_orphans(lambda t: t.user_attrs.get(HOLDER) == "searcher")
+        self.journal.flush()
 
     # ------------------------------------------------------------------ asking
     def remaining(self) -> int:
@@ -98,6 +103,7 @@ class StudyService:
                 trial = self.study.ask()
                 trial.set_user_attr(HOLDER, holder)
                 asked.append((trial.number, self.space.sample(trial)))
+            self.journal.flush()
             return asked
 
     def hold(self, holder: str, numbers: list[int]) -> None:
@@ -112,6 +118,7 @@ class StudyService:
                     self._trial(n).set_user_attr(HOLDER, holder)
             self._close_orphans(lambda t: t.user_attrs.get(HOLDER) == holder
                                 and t.number not in keep)
+            self.journal.flush()
 
     # ------------------------------------------------------------------ results
     def report(self, reports: list[tuple[int, int, float]]) -> list[int]:
@@ -134,6 +141,7 @@ class StudyService:
                 self.study.tell(number, state=optuna.trial.TrialState.PRUNED,
                                 skip_if_finished=True)
                 pruned.append(number)
+        self.journal.flush()
         return pruned
 
     def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
@@ -147,6 +155,7 @@ class StudyService:
             else:
                 self.study.tell(number, values if len(values) > 1 else values[0],
                                 skip_if_finished=True)
+        self.journal.flush()
 
     def end(self, holder: str) -> None:
         """A Ray trial is over (finished or failed for good): what it held and did not tell
@@ -158,10 +167,12 @@ class StudyService:
             if t.user_attrs.get(HOLDER) == holder:
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL,
                                 skip_if_finished=True)
+        self.journal.flush()
 
     def finish(self) -> None:
         """The sweep is over: no running trial is left open in the study."""
         self._close_orphans(lambda t: True)
+        self.journal.flush()
 
     # ------------------------------------------------------------------ helpers
     def _trial(self, number: int):

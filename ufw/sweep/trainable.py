@@ -165,6 +165,7 @@ def _train_members(config: dict[str, Any]) -> None:
 
     extra["setup_seconds"] = time.time() - started  # corpus, model, checkpoint loading
     extra["report_seconds"] = 0.0
+    extra["study_seconds"] = 0.0  # waiting on the study actor: reports, tells, refills
     while True:
         trained = []
         if not cohort.finished:
@@ -174,6 +175,7 @@ def _train_members(config: dict[str, Any]) -> None:
             epoch_rows.extend(rows)
             trained = sorted({cohort.members[r["member"]].point: r["epoch"] for r in rows}.items())
         if service is not None:
+            waited = time.monotonic()
             if pruning and trained:
                 reports = [(cohort.numbers[p], epoch, cohort.objective(p)) for p, epoch in trained]
                 stopped = set(ray.get(service.report.remote(reports)))
@@ -184,6 +186,7 @@ def _train_members(config: dict[str, Any]) -> None:
                 cohort.told.update(told)
             if pruning:  # freed slots train new configurations: the population keeps its size
                 nothing_left = refill.fill(cohort)
+            extra["study_seconds"] += time.monotonic() - waited
         if cohort.finished and (nothing_left or not pruning):
             break
         report(final=False)
