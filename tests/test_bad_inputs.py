@@ -28,6 +28,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ufw.sweep.plan import _save_plan, build_parser, make_plan
+
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "bad_inputs.md"
 MARKER = "payload-ran"  # what the planted teacher's payload would create
@@ -195,6 +197,8 @@ CASES = [
     Case("--train-file empty", S, ["ok.yaml", "--train-file", "empty.txt", "--val-file",
                                    "val.txt"], "no full batch"),
     Case("--resume with nothing to resume", S, ["ok.yaml", "--resume"], "--resume"),
+    Case("--resume, Ray's state cut short", S, ["ok.yaml", "--resume", "--name", "cut",
+                                                "--results", "cut_results"], "cut short"),
     Case("--results is a file", S, ["ok.yaml", "--results", "results_file", "--name", "x"],
          "--results"),
     Case("--results not writable", S, ["ok.yaml", "--results", "/sys/ufw-results", "--name",
@@ -231,6 +235,14 @@ def make_files(directory: Path) -> None:
             "preset": ["standard_llm"] * 2 + ["lpt"] * 2, "best_ppl": [9.0, 9.2, 8.8, 8.9],
             "best_epoch": [3, 4, 3, 5], "acc": [0.3] * 4, "shallow_ratio": [0.0] * 4,
             "compute_cost": [1.0] * 4, "status": ["completed"] * 4, "error": [""] * 4}
+    # A sweep whose Ray experiment state a full disk cut short, with no copy of it left.
+    plan = make_plan(build_parser().parse_args([str(directory / "ok.yaml"), "--name", "cut",
+                                                "--results", str(directory / "cut_results")]))
+    _save_plan(plan)
+    experiment = directory / "cut_results" / "cut" / "ray"
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"never read: the resume stops before Ray")
+    (experiment / "experiment_state-1999-12-31_23-59-59.json").write_text('{"trial_data": [')
     (directory / "good_results" / "trials").mkdir(parents=True)
     pq.write_table(pa.table(good), directory / "good_results" / "trials" / "part-a.parquet")
 

@@ -18,6 +18,7 @@ so that every part of a sweep has the same schema even when a value is null in o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -149,6 +150,23 @@ def join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts if p)
 
 
+def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `path` under a hidden temporary name, then rename it into place: a reader sees
+    the old file or the new one, never half of one, even when the disk fills up meanwhile
+    (the temporary file is then removed and the error raised)."""
+    directory, _, name = path.rpartition("/")
+    # A leading "." hides the temporary file from pyarrow/pandas dataset readers.
+    tmp = join(directory, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)  # a rename on local and POSIX filesystems: atomic
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+
+
 class ResultsWriter:
     """Writes one trials part and one epochs part per finished Ray trial, atomically."""
 
@@ -184,11 +202,9 @@ class ResultsWriter:
         self.fs.create_dir(directory, recursive=True)
         columns = self._known_columns(kind)
         table = to_table(rows, columns)
-        final = self.part(kind, trial_id)
-        # A leading "." hides the temporary file from pyarrow/pandas dataset readers.
-        tmp = join(directory, f".part-{trial_id}.{uuid.uuid4().hex[:8]}.tmp")
-        pq.write_table(table, tmp, filesystem=self.fs)
-        self.fs.move(tmp, final)  # a rename on local and POSIX filesystems: atomic
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        write_atomically(self.fs, self.part(kind, trial_id), buffer.getvalue().to_pybytes())
 
     def _known_columns(self, kind: str) -> list[str]:
         """Columns of the sweep's existing parts, so that a new part matches them."""

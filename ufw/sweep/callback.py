@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from ufw.results import ResultsWriter, join, read_trials
+from ufw.sweep import out_of_space
 from ufw.sweep.lazy_ray import ray_subclasses
 from ufw.sweep.members import expand_members, failed_rows, trial_points
 from ufw.sweep.trainable import HEAVY_KEYS
@@ -57,6 +58,7 @@ class _SweepCallback:
         self._finished: set[str] = set()
         self._finished_now = 0
         self._best: float | None = None
+        self._out_of_space: out_of_space.OutOfSpace | None = None  # stops the sweep
 
     def setup(self, **info) -> None:
         self._start = time.time()
@@ -91,19 +93,49 @@ class _SweepCallback:
         self._write(trial, rows, epoch_rows, error)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._stop_if_out_of_space(trial)
         print(f"[{self.spec['sweep']}] trial {trial.trial_id} raised "
               f"({trial_error(trial)}); retrying from its last checkpoint",
               flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._stop_if_out_of_space(trial)
         error = trial_error(trial)
         members = expand_members(self.spec, trial_points(trial.config))
         location = getattr(getattr(trial, "temporary_state", None), "location", None)
         extra = {"trial_id": trial.trial_id, "node": getattr(location, "hostname", None)}
         self._write(trial, failed_rows(self.spec, members, error, extra), [], error)
 
+    def _stop_if_out_of_space(self, trial) -> None:
+        """A trial that could not save its checkpoint for lack of space did nothing wrong:
+        stop the sweep (Ray resumes the trial from its last checkpoint on --resume) rather
+        than retry it against a full disk or record it failed. (Raised from Tune's handling
+        of a trial's error, an exception ends the experiment.)"""
+        why = out_of_space.reason(trial_error(trial))
+        if why:
+            _stop_sweep(out_of_space.OutOfSpace(
+                f"a checkpoint of trial {trial.trial_id} under "
+                f"{join(self.writer.root, self.spec['sweep'], 'ray')}", why))
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        """Stop the sweep after a part could not be written. Not raised where the write
+        failed: Tune would log that with a traceback and count it as the trial's failure.
+        The trial keeps its rows in Ray's state (saved before this), and the resumed driver
+        writes its parts (finalize)."""
+        if self._out_of_space is not None:
+            _stop_sweep(self._out_of_space)
+
     def _write(self, trial, rows, epoch_rows, error: str | None) -> None:
-        self.writer.write(trial.trial_id, rows, epoch_rows)
+        try:
+            self.writer.write(trial.trial_id, rows, epoch_rows)
+        except OSError as e:
+            why = out_of_space.reason(e)
+            if not why:
+                raise
+            self._out_of_space = out_of_space.OutOfSpace(
+                f"the Parquet parts of trial {trial.trial_id} under "
+                f"{join(self.writer.root, self.spec['sweep'])}", why)
+            return
         # The parts hold the rows now: keep Ray's experiment state small.
         with contextlib.suppress(Exception):
             trial.run_metadata.last_result = {k: v for k, v in trial.last_result.items()
@@ -138,6 +170,14 @@ class _SweepCallback:
         print(f"[{self.spec['sweep']}] trials {done}/{self.total} | {trial_id} {what} | "
               f"best so far {best} | elapsed {_fmt_seconds(elapsed)} | ETA {eta_text}",
               flush=True)
+
+
+def _stop_sweep(error: Exception) -> None:
+    """End the experiment with `error` (the driver reports it in one line). Trials still
+    running are abandoned with it: Ray would print each one's pending error, with its
+    traceback, as "unhandled" when Tune lets go of them, so those messages are turned off."""
+    os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"  # read by Ray when it would print one
+    raise error
 
 
 # SweepCallback: the class above on top of ray.tune.Callback, made on first use.

@@ -16,7 +16,7 @@ from ufw.rerun import rerun_command
 from ufw.results import ResultsWriter, join, read_epochs, read_trials
 from ufw.space import Objective, parameter_column
 from ufw.study import journal_storage
-from ufw.sweep import callback, searchers
+from ufw.sweep import callback, out_of_space, searchers
 from ufw.sweep.callback import error_line
 from ufw.sweep.lock import SweepLock
 from ufw.sweep.members import SPEC, expand_members, failed_rows, trial_points
@@ -26,9 +26,14 @@ from ufw.sweep.plan import (
     _concurrency,
     _save_plan,
     build_parser,
+    can_restore,
     make_plan,
 )
-from ufw.sweep.repair import set_aside_damaged_parts
+from ufw.sweep.repair import (
+    drop_torn_journal_record,
+    repair_experiment_state,
+    set_aside_damaged_parts,
+)
 from ufw.sweep.searchers import DefineByRun
 from ufw.sweep.study_service import start_service
 from ufw.sweep.trainable import run_trial, trial_dirname
@@ -239,17 +244,39 @@ def run(plan: Plan) -> int:
         return _run_locked(plan, lock)
     except KeyboardInterrupt:  # Ctrl-C before Tune runs (during Ray's start); Tune handles
         # it itself while trials run, and the summary then says how to resume
-        print(f"[{plan.name}] interrupted; continue it with: python -m ufw.sweep "
-              f"{plan.space_path} --resume --name {plan.name} --results {plan.root}",
-              file=sys.stderr, flush=True)
+        if can_restore(plan.experiment_path):
+            how = f"continue it with: {resume_command(plan)}"
+        else:  # a new sweep: Tune has not saved anything to resume from
+            how = "no trial had started; run the same command again to start it"
+        print(f"[{plan.name}] interrupted; {how}", file=sys.stderr, flush=True)
         return 130
+    except Exception as e:
+        why = out_of_space.reason(e)
+        if not why:
+            raise
+        stopped = out_of_space.find(e)
+        what = stopped.what if stopped else f"under {plan.sweep_uri}"
+        print(f"[{plan.name}] out of space: cannot write {what} ({why}); everything "
+              f"written before is intact: free space and resume with: {resume_command(plan)}",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         lock.release()
 
 
+def resume_command(plan: Plan) -> str:
+    return (f"python -m ufw.sweep {plan.space_path} --resume --name {plan.name} "
+            f"--results {plan.root}")
+
+
 def _run_locked(plan: Plan, lock: SweepLock) -> int:
+    with cli.user_errors():  # before Ray starts
+        if not plan.resume:  # a full or unwritable disk stops it here
+            _save_plan(plan)
+        elif repaired := repair_experiment_state(plan.experiment_path):
+            print(f"[{plan.name}] {repaired}", file=sys.stderr, flush=True)
     with cli.user_errors():
-        _init_ray(plan)  # first: it sets what Ray reads when imported
+        _init_ray(plan)  # first of what touches Ray: it sets what Ray reads when imported
         _check_resources(plan)
     from ray import tune
 
@@ -260,10 +287,12 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
         for trial_id, what in damaged.items():
             print(f"[{plan.name}] trial {trial_id}: damaged part ({what}); set aside as "
                   f"_damaged-part-{trial_id}.parquet", file=sys.stderr, flush=True)
+        if drop_torn_journal_record(plan.study_file):
+            print(f"[{plan.name}] {plan.study_file}: dropped its last record, cut short",
+                  file=sys.stderr, flush=True)
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(plan),
                                    resume_errored=True)
     else:
-        _save_plan(plan)
         print(f"[{plan.name}] {plan.num_samples} configurations x {plan.seeds} seed(s), "
               f"cohort {plan.cohort} -> {plan.num_trials} trials; results in {plan.sweep_uri}",
               flush=True)
@@ -284,8 +313,8 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
         ray.get(service.finish.remote())  # nothing left open in the study
     print(summary(plan), flush=True)
     if not complete:
-        print(f"[{plan.name}] the sweep did not finish; continue it with: python -m ufw.sweep "
-              f"{plan.space_path} --resume --name {plan.name} --results {plan.root}", flush=True)
+        print(f"[{plan.name}] the sweep did not finish; continue it with: "
+              f"{resume_command(plan)}", flush=True)
         return 1
     return failure_status(plan)
 

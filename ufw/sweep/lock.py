@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ufw.config import ConfigError
-from ufw.results import filesystem, join
+from ufw.results import filesystem, join, write_atomically
 
 LOCK_FILE = "driver.lock"
 HEARTBEAT_SECONDS = 10.0
@@ -68,7 +68,8 @@ class SweepLock:
         except OSError as e:
             if self.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
                 return None
-            raise ConfigError(f"{self.flag}: cannot read {self.path} ({_reason(e)})") from None
+            raise ConfigError(f"{self.flag}: cannot read {self.path} "
+                              f"({os_error_text(e)})") from None
         try:
             record = json.loads(text)
             return record if isinstance(record, dict) else {}
@@ -84,15 +85,16 @@ class SweepLock:
             time.sleep(_OBJECT_STORE_SETTLE_SECONDS)
             return (self.read() or {}).get("token") == self.token
         tmp = f"{self.path}.{self.token}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
         try:
+            with open(tmp, "wb") as f:
+                f.write(data)
             os.link(tmp, self.path)  # atomic, and fails if the lock exists
             return True
         except FileExistsError:
             return False
-        finally:
-            os.unlink(tmp)
+        finally:  # also when the disk is full: no stray temporary file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def _set_aside(self) -> None:
         """Move a stale lock out of the way (a rename: of two drivers, one wins)."""
@@ -121,7 +123,8 @@ class SweepLock:
                 raise ConfigError(f"sweep {self.sweep_uri}: could not take its lock "
                                   f"{self.path}; another driver keeps taking it")
         except OSError as e:
-            raise ConfigError(f"{self.flag}: cannot write {self.dir} ({_reason(e)})") from None
+            raise ConfigError(f"{self.flag}: cannot write {self.dir} "
+                              f"({os_error_text(e)})") from None
         self._thread = threading.Thread(target=self._heartbeat, daemon=True,
                                         name="ufw-sweep-lock")
         self._thread.start()
@@ -139,10 +142,8 @@ class SweepLock:
                 if not self.held():
                     self.lost = True
                     return
-                tmp = join(self.dir, f".{LOCK_FILE}.{self.token}.tmp")
-                with self.fs.open_output_stream(tmp) as f:
-                    f.write(json.dumps(self._record()).encode())
-                self.fs.move(tmp, self.path)  # a rename: readers see the old or the new
+                # readers see the old record or the new one, whatever the disk does
+                write_atomically(self.fs, self.path, json.dumps(self._record()).encode())
             except OSError:
                 pass  # a full disk or a flaky mount: the next beat tries again
 
@@ -184,5 +185,9 @@ def describe(record: dict[str, Any]) -> str:
             f"lock {LOCK_FILE})")
 
 
-def _reason(error: OSError) -> str:
+def os_error_text(error: OSError) -> str:
+    """An OSError as a few words, e.g. "No space left on device" (pyarrow's own text
+    repeats the path the caller names already)."""
+    if error.errno:
+        return os.strerror(error.errno)
     return error.strerror or str(error).splitlines()[0]

@@ -335,12 +335,18 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
 
 
 def _save_plan(plan: Plan) -> None:
-    from ufw.results import filesystem
+    """Write the sweep's record (before Ray starts: a disk that cannot take it stops here)."""
+    from ufw.results import filesystem, write_atomically
+    from ufw.sweep.lock import os_error_text
 
     fs, base = filesystem(plan.sweep_uri)
-    fs.create_dir(base, recursive=True)
-    with fs.open_output_stream(join(base, SWEEP_RECORD)) as f:
-        f.write(json.dumps(_plan_record(plan), indent=2, default=str).encode())
+    path = join(base, SWEEP_RECORD)
+    try:
+        fs.create_dir(base, recursive=True)
+        write_atomically(fs, path, json.dumps(_plan_record(plan), indent=2,
+                                              default=str).encode())
+    except OSError as e:
+        raise ConfigError(f"--results: cannot write {path} ({os_error_text(e)})") from None
 
 
 def _load_plan(plan: Plan) -> dict[str, Any]:
