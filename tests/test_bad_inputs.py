@@ -68,6 +68,8 @@ FILES: dict[str, str | bytes] = {
     "space_value.yaml": TINY + "parameters:\n  routing_threshold: {type: float, low: 0.5, "
                                "high: 1.5}\n",
     "space_metric.yaml": OK_SPACE + "objectives: [{metric: happiness}]\n",
+    "space_two_objectives.yaml": OK_SPACE + ("objectives: [{metric: best_ppl}, "
+                                             "{metric: compute_cost}]\n"),
     "space_sampler.yaml": OK_SPACE + "sampler: annealing\n",
     "space_grid.yaml": OK_SPACE + "sampler: grid\n",
     "space_condition.yaml": TINY + "parameters:\n  lr: {type: float, low: 0.001, high: 0.01, "
@@ -174,6 +176,16 @@ CASES = [
     Case("space data unknown", S, ["space_data.yaml"], "unknown corpus"),
     Case("space data tokenizer too small", S, ["space_tokenizer.yaml"], "data.tokenizer"),
     Case("--tokenizer unknown kind", S, ["ok.yaml", "--tokenizer", "bpe"], "--tokenizer"),
+    Case("--pruner unknown", S, ["ok.yaml", "--pruner", "sometimes"], "--pruner"),
+    Case("--pruner with two objectives", S, ["space_two_objectives.yaml", "--pruner", "asha"],
+         "--pruner"),
+    Case("--min-resource 0", S, ["ok.yaml", "--pruner", "asha", "--min-resource", "0"],
+         "--min-resource"),
+    Case("--reduction-factor 1", S, ["ok.yaml", "--pruner", "asha", "--reduction-factor", "1"],
+         "--reduction-factor"),
+    Case("--max-resource below --min-resource", S,
+         ["ok.yaml", "--pruner", "hyperband", "--min-resource", "4", "--max-resource", "2"],
+         "--max-resource"),
     Case("--num-samples 0", S, ["ok.yaml", "--num-samples", "0"], "--num-samples"),
     Case("--cohort 0", S, ["ok.yaml", "--cohort", "0"], "--cohort"),
     Case("--cohort text", S, ["ok.yaml", "--cohort", "many"], "--cohort"),
