@@ -133,13 +133,16 @@ sampler: {type: random, seed: 7}
 """
 
 
-def test_asha_sweep_prunes_and_refills_population_slots(ray_local, tiny_space, tmp_path):
+def test_asha_sweep_prunes_and_refills_population_slots(ray_local, tiny_space, tmp_path,
+                                                        capsys):
     """12 configurations, cohorts of 3 on 2 CPUs: pruned configurations hand their slots to
     new ones, so fewer than 4 Ray trials train all 12, each exactly once."""
     results = tmp_path / "results"
     space = tiny_space(PRUNED_SPACE, max_epochs=6, patience=6)
     assert sweep.main([str(space), "--num-samples", "12", "--cohort", "3", "--pruner", "asha",
                        "--results", str(results), "--name", "p"]) == 0
+    # A refilling trial writes its rows at its end; meanwhile the driver counts what ended.
+    assert "[p] configurations ended: " in capsys.readouterr().out
     frame = pd.read_parquet(results / "p" / "trials")
     assert len(frame) == 12 and frame["config_id"].is_unique
     assert frame["optuna_number"].notna().all() and frame["optuna_number"].is_unique

@@ -58,6 +58,7 @@ class _SweepCallback:
         self._finished: set[str] = set()
         self._finished_now = 0
         self._best: float | None = None
+        self._ended: dict[str, int] = {}  # refilling trials: configurations done so far
         self._out_of_space: out_of_space.OutOfSpace | None = None  # stops the sweep
 
     def setup(self, **info) -> None:
@@ -74,6 +75,21 @@ class _SweepCallback:
                     self._best = float(values.min() if direction == "minimize" else values.max())
         except Exception:  # progress is best effort: never stop a sweep for it
             pass
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        """With refill a trial trains configurations until the sweep's budget is spent and
+        writes its rows at its end: say how many configurations have ended meanwhile."""
+        ended = result.get("configurations_ended")
+        if not self.spec.get("refill") or ended is None:
+            return
+        if ended > self._ended.get(trial.trial_id, 0):
+            self._ended[trial.trial_id] = ended
+            metric = self.spec["objectives"][0][0]
+            best = result.get(metric)
+            print(f"[{self.spec['sweep']}] configurations ended: {sum(self._ended.values())}/"
+                  f"{self.spec['num_samples']} (trial {trial.trial_id}: {ended}, its best "
+                  f"{metric} {best if best is None else f'{best:.4g}'}) | elapsed "
+                  f"{_fmt_seconds(time.time() - self._start)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}

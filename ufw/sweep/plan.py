@@ -88,7 +88,9 @@ class Plan:
                 "cpus_per_trial": self.cpus_per_trial, "precision": self.precision,
                 "compile": self.compile, "checkpoint_seconds": self.checkpoint_seconds,
                 "source_sweep": self.source_sweep, "pruning": self.pruning,
-                "report_rows": self.ray_scheduler}
+                "report_rows": self.ray_scheduler, "num_samples": self.num_samples,
+                # cohort trials with a pruner refill their slots (ufw/sweep/cohort.py)
+                "refill": self.pruning["pruner"] != "none" and not self.ray_scheduler}
 
 
 def build_parser() -> cli.ArgumentParser:

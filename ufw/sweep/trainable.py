@@ -147,6 +147,7 @@ def _train_members(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             **summary_metrics(spec, values), "final": final,
             "epoch": max((p.epoch for p in cohort.populations), default=0),
+            "configurations_ended": len(cohort.ended_at),
             "members_running": sum(cohort.status(m.index) == "running" for m in cohort.members)}
         if final or report_rows:
             metrics.update(rows=json.dumps(cohort.result_rows(extra)),
