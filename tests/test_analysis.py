@@ -557,3 +557,15 @@ def test_cli_bad_group_and_baseline(tmp_path):
         result = _cli(path, *args)
         assert result.returncode == 2 and word in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_every_written_column_that_is_not_a_knob_is_never_taken_for_a_parameter():
+    """A column ufw writes that varies between configurations but is not configured (a
+    time, a study number) must not turn up in labels or marginals as a swept knob."""
+    from ufw.analysis.configurations import NON_PARAM_COLUMNS
+    from ufw.config import UniversalConfig
+    from ufw.results import RESULT_TYPES
+
+    epochs_table_only = {"epoch", "train_loss", "val_ppl", "val_bpc", "alpha", "epoch_seconds"}
+    knobs = set(UniversalConfig().flat())
+    assert not set(RESULT_TYPES) - knobs - epochs_table_only - NON_PARAM_COLUMNS
