@@ -87,8 +87,8 @@ class _SweepCallback:
             metric = self.spec["objectives"][0][0]
             best = result.get(metric)
             print(f"[{self.spec['sweep']}] configurations ended: {sum(self._ended.values())}/"
-                  f"{self.spec['num_samples']} (trial {trial.trial_id}: {ended}, its best "
-                  f"{metric} {best if best is None else f'{best:.4g}'}) | elapsed "
+                  f"{self.spec['num_samples']} (trial {trial.trial_id}: {ended}, best {metric} "
+                  f"{best if best is None else f'{best:.4g}'}) | elapsed "
                   f"{_fmt_seconds(time.time() - self._start)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

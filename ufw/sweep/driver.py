@@ -293,8 +293,10 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(plan),
                                    resume_errored=True)
     else:
+        at_most = "at most " if plan.spec()["refill"] else ""  # refills spend the budget too
         print(f"[{plan.name}] {plan.num_samples} configurations x {plan.seeds} seed(s), "
-              f"cohort {plan.cohort} -> {plan.num_trials} trials; results in {plan.sweep_uri}",
+              f"cohort {plan.cohort} -> {at_most}{plan.num_trials} trials; results in "
+              f"{plan.sweep_uri}",
               flush=True)
         tuner = make_tuner(plan)
     service = None
