@@ -141,9 +141,6 @@ class Cohort:
                 values.append(float(value))
         return sum(values) / len(values) if values else math.nan
 
-    def epochs_of(self, point: int) -> int:
-        return max((self.row(m.index).get("epochs_run") or 0) for m in self.point_members(point))
-
     def prune(self, points: list[int]) -> None:
         for point in points:
             self.pruned.add(point)

@@ -84,7 +84,7 @@ def make_tuner(plan: Plan):
     mode = [o.mode for o in objectives]
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
-    if plan.cohort == 1 and not space.points:
+    if not plan.study_actor:
         storage = journal_storage(plan.study_file)  # kept beside the Parquet: ufw/study.py
         search = searchers.StudySearch(space=DefineByRun(space), metric=metric, mode=mode,
                                        sampler=space.make_sampler(), storage=storage,
@@ -300,7 +300,7 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
               flush=True)
         tuner = make_tuner(plan)
     service = None
-    if plan.cohort > 1 or plan.space.points:  # the study, where every trial reaches it
+    if plan.study_actor:  # the study, where every trial reaches it
         service = start_service(plan.spec(), plan.space.to_dict(), plan.study_file,
                                 plan.num_samples, plan.resume)
     print(f"[{plan.name}] Optuna study: optuna-dashboard {plan.study_file}", flush=True)

@@ -59,9 +59,15 @@ class Plan:
     pruning: dict[str, Any] = dataclasses.field(default_factory=lambda: {"pruner": "none"})
 
     @property
+    def study_actor(self) -> bool:
+        """Whether trials get their configurations from the sweep's study actor (a cohort, or
+        explicit points); else one configuration per trial from Ray Tune's OptunaSearch."""
+        return self.cohort > 1 or bool(self.space.points)
+
+    @property
     def ray_scheduler(self) -> bool:
         """With one configuration per Ray trial, Ray Tune's own scheduler prunes."""
-        return self.pruning["pruner"] != "none" and self.cohort == 1 and not self.space.points
+        return self.pruning["pruner"] != "none" and not self.study_actor
 
     @property
     def sweep_uri(self) -> str:
@@ -90,7 +96,7 @@ class Plan:
                 "source_sweep": self.source_sweep, "pruning": self.pruning,
                 "report_rows": self.ray_scheduler, "num_samples": self.num_samples,
                 # cohort trials with a pruner refill their slots (ufw/sweep/cohort.py)
-                "refill": self.pruning["pruner"] != "none" and not self.ray_scheduler}
+                "refill": self.pruning["pruner"] != "none" and self.study_actor}
 
 
 def build_parser() -> cli.ArgumentParser:

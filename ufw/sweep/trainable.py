@@ -108,7 +108,7 @@ def _train_members(config: dict[str, Any]) -> None:
     # Cohort trials reach the sweep's study actor (per-epoch pruning, tells, refills);
     # with one configuration per trial the study is Ray Tune's OptunaSearch's.
     service = find_service(spec["sweep"]) if any(n is not None for n in numbers) else None
-    pruning = service is not None and spec.get("pruning", {}).get("pruner", "none") != "none"
+    pruning = service is not None and spec.get("refill", False)  # plan.spec() says
     epoch_rows: list[dict[str, Any]] = []
     refill = Refill(service, trial_id)
     nothing_left = False  # the study has no configuration left for a refill
