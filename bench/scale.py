@@ -2,6 +2,7 @@
 it, ufw K = 1 with its best settings, and ufw populations; optionally dense vs sparse MoE.
 
     python bench/scale.py --device cuda [--sizes 256 512] [--K 4 8 16] [--epochs 2] [--moe]
+                          [--ufw-only] [--out NAME]
     python bench/scale.py --quick          # a tiny CPU run that checks the script works
 
 Sizes are (dim, layers, heads, seq_len): (64, 3, 4, 64), (256, 6, 8, 128), (512, 8, 8, 256),
@@ -116,10 +117,11 @@ def measure_size(size, corpus, args) -> list[dict]:
     config = config_for(size, max_epochs=epochs + 1)
     tokens = corpus.train_x.numel()
     common = {"size": list(size), "flop": train_flop_per_epoch(size, corpus.vocab_size, tokens)}
-    records = [measure("naive", NaiveTrainer(config, corpus, device).run_epoch, 1, epochs,
-                       device, precision="fp32", compile=False, **common),
-               measure("careful", CarefulNaiveTrainer(config, corpus, device).run_epoch, 1,
-                       epochs, device, precision="bf16", compile=True, **common)]
+    records = [] if args.ufw_only else [
+        measure("naive", NaiveTrainer(config, corpus, device).run_epoch, 1, epochs,
+                device, precision="fp32", compile=False, **common),
+        measure("careful", CarefulNaiveTrainer(config, corpus, device).run_epoch, 1,
+                epochs, device, precision="bf16", compile=True, **common)]
     if args.no_graphs_too and device.startswith("cuda"):  # is graph replay timed right?
         run_epoch = population_run([config], corpus, device, args.precision, cuda_graphs=False)
         records.append(measure("ufw_no_graphs", run_epoch, 1, epochs, device,
@@ -189,8 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-chars", type=int, help="train on the first N characters only")
     parser.add_argument("--moe", action="store_true",
                         help="also dense vs sparse MoE at (512, 8, 8, 256), 8 experts")
+    parser.add_argument("--ufw-only", action="store_true",
+                        help="skip the naive and careful loops (e.g. measured already)")
     parser.add_argument("--no-graphs-too", action="store_true",
                         help="also ufw K = 1 without CUDA graphs (a check of the timing)")
+    parser.add_argument("--out", help="record name in bench/results (default scale_<device>)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny configuration that runs in a minute or two on a CPU")
     parser.add_argument("--precision", choices=PRECISIONS,
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         records += measure_moe(moe_size, corpus, args)
     device = device_label(args.device)
     kind = args.device.split(":")[0]
-    path = save(f"scale_{kind}{'_quick' if args.quick else ''}.json",
+    path = save(args.out or f"scale_{kind}{'_quick' if args.quick else ''}.json",
                 {"device": device, "data": name, "train_chars": len(train_text),
                  "val_chars": len(val_text), "epochs": args.epochs, "records": records})
     print(f"wrote {path}", file=sys.stderr)

@@ -208,7 +208,8 @@ def main() -> None:
                         help="a tiny CPU run (16 configurations, 20k characters) to check this")
     parser.add_argument("--out", help="record name in bench/results")
     parser.add_argument("--runs", default="none,asha",
-                        help="which sweeps to run here (none, asha or both); the others are "
+                        help="which sweeps to run here (none, asha, both, or '' for neither); "
+                             "the others are "
                              "read from --runs-dir, where each run is also saved")
     parser.add_argument("--runs-dir", type=Path,
                         help="keep each run as <name>_trials.parquet + <name>_launch.json "
@@ -226,7 +227,7 @@ def main() -> None:
                 "asha": [*common, "--name", "asha", "--pruner", "asha",
                          *shlex.split(args.pruner_args)]}
     runs = {}
-    for name in args.runs.split(","):
+    for name in filter(None, args.runs.split(",")):
         runs[name] = run_sweep(commands[name], results, name, args.gpus)
         if args.runs_dir:
             save_run(runs[name], args.runs_dir, name)

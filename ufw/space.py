@@ -250,8 +250,10 @@ class SearchSpace:
         if kind == "nsga2":
             return optuna.samplers.NSGAIISampler(
                 population_size=self.sampler.get("population_size", 50), seed=seed)
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=self.sampler.get("n_startup_trials", 10))
+        from ufw.batched_tpe import BatchedTPESampler  # Optuna's TPE, fitted once per batch
+
+        return BatchedTPESampler(seed=seed,
+                                 n_startup_trials=self.sampler.get("n_startup_trials", 10))
 
     def create_study(self, storage=None, study_name: str | None = None):
         """An Optuna study of this space; with a ``storage``, the study ``study_name`` kept

@@ -1,0 +1,77 @@
+"""BatchedTPESampler asks exactly what Optuna's TPE (constant liar off) asks, and fits less."""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+
+from ufw.batched_tpe import BatchedTPESampler
+from ufw.space import parse_space
+
+SPACE = parse_space({
+    "parameters": {
+        "schedule": {"type": "categorical", "choices": ["none", "linear", "step"]},
+        "alpha_start": {"type": "float", "low": 0.3, "high": 0.95,
+                        "condition": {"schedule": ["linear", "step"]}},
+        "lr_scale_1": {"type": "float", "low": 0.1, "high": 1.0, "log": True},
+        "routing_threshold": {"type": "float", "low": 0.5, "high": 1.0},
+    },
+    "objectives": [{"metric": "best_ppl", "direction": "minimize"}],
+})
+
+
+def asked_in_batches(sampler, history: int = 120, batches: int = 4, size: int = 8):
+    """Configurations `sampler` asks in batches after a random history of completed and
+    pruned trials; each batch is told (so the next one fits anew)."""
+    outcome = random.Random(0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for i in range(history):
+        trial = study.ask()
+        SPACE.sample(trial)
+        if i % 3 == 0:
+            trial.report(outcome.random() + 7, 1)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, outcome.random())
+    study.sampler = sampler
+    asked = []
+    for _ in range(batches):
+        batch = [study.ask() for _ in range(size)]
+        asked += [SPACE.sample(trial) for trial in batch]
+        for trial in batch:
+            study.tell(trial, outcome.random())
+    return asked
+
+
+def test_same_values_as_optunas_tpe_without_constant_liar():
+    ours = asked_in_batches(BatchedTPESampler(seed=3))
+    optunas = asked_in_batches(optuna.samplers.TPESampler(seed=3, constant_liar=False))
+    assert ours == optunas
+    assert len({tuple(sorted(p.items())) for p in ours}) == len(ours)  # real, varied draws
+
+
+def test_fits_once_per_batch_and_group(monkeypatch):
+    fits = []
+    original = BatchedTPESampler._fit
+    monkeypatch.setattr(BatchedTPESampler, "_fit",
+                        lambda self, *a: fits.append(1) or original(self, *a))
+    asked_in_batches(BatchedTPESampler(seed=3), batches=3, size=8)
+    # Per batch: the always-present parameters as one group, alpha_start (conditional) on
+    # its own; never once per ask.
+    assert 3 <= len(fits) <= 3 * 2
+
+
+def test_an_optuna_without_the_internals_falls_back(monkeypatch):
+    sampler = BatchedTPESampler(seed=3)
+    sampler._internals = False
+    monkeypatch.setattr(BatchedTPESampler, "_fit",
+                        lambda *a: pytest.fail("fitted although the internals are missing"))
+    fallback = asked_in_batches(sampler, batches=1)
+    assert fallback == asked_in_batches(
+        optuna.samplers.TPESampler(seed=3, constant_liar=False), batches=1)
+
+
+def test_a_tpe_space_uses_it():
+    assert isinstance(SPACE.make_sampler(), BatchedTPESampler)
