@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ufw.model import EarlyExitLM, ModelShape
-from ufw.moe import SPARSE_MIN_TOKENS, dense_experts, sparse_experts
+from ufw.moe import dense_experts, sparse_experts
 
 
 def _models(members: int, top_k: int, num_experts: int = 4):
@@ -51,13 +51,11 @@ def test_sparse_experts_with_an_expert_no_token_chooses():
     torch.testing.assert_close(sparse_experts(x, gates, 1, *weights), expected)
 
 
-def test_auto_dispatch_goes_sparse_only_where_it_saves_work():
+def test_dense_unless_sparse_is_asked_for():
     shape = ModelShape(13, dim=16, num_experts=8, experts_top_k=2)
     model = EarlyExitLM(shape, [0])
-    assert model.uses_sparse_moe(SPARSE_MIN_TOKENS)
-    assert not model.uses_sparse_moe(SPARSE_MIN_TOKENS - 1)  # few tokens: dense is faster
-    every_expert = EarlyExitLM(ModelShape(13, dim=16, num_experts=2, experts_top_k=2), [0])
-    assert not every_expert.uses_sparse_moe(10 * SPARSE_MIN_TOKENS)  # nothing to skip
-    assert not EarlyExitLM(ModelShape(13, dim=16), [0]).uses_sparse_moe(10 * SPARSE_MIN_TOKENS)
+    assert not model.uses_sparse_moe()  # dense: faster wherever measured (ufw/moe.py)
+    assert EarlyExitLM(shape, [0], "sparse").uses_sparse_moe()
+    assert not EarlyExitLM(ModelShape(13, dim=16), [0], "sparse").uses_sparse_moe()
     with pytest.raises(ValueError, match="moe_dispatch"):
         EarlyExitLM(shape, [0], "fast")

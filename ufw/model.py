@@ -113,13 +113,13 @@ def _capturing(x: torch.Tensor) -> bool:
 class EarlyExitLM(nn.Module):
     """K members of the same shape; `forward` returns the hidden state after every block."""
 
-    def __init__(self, shape: ModelShape, seeds: list[int], moe_dispatch: str = "auto"):
+    def __init__(self, shape: ModelShape, seeds: list[int], moe_dispatch: str = "dense"):
         super().__init__()
         self.shape = shape
         # MoE: "dense" (every expert on every token: the reference), "sparse" (each token to
-        # its top-k experts only), or "auto": sparse where that is cheaper (ufw/moe.py).
-        if moe_dispatch not in ("auto", "dense", "sparse"):
-            raise ValueError(f"moe_dispatch: {moe_dispatch!r}; allowed: auto, dense, sparse")
+        # its top-k experts only; slower wherever measured, see ufw/moe.py).
+        if moe_dispatch not in ("dense", "sparse"):
+            raise ValueError(f"moe_dispatch: {moe_dispatch!r}; allowed: dense, sparse")
         self.moe_dispatch = moe_dispatch
         self.num_members = len(seeds)
         members = [init_member(shape, s) for s in seeds]
@@ -159,18 +159,15 @@ class EarlyExitLM(nn.Module):
             return torch.bmm(a, self.p(f"{i}.w_down")).view(K, B, T, D), None
         gates, balance = self.expert_gates(x, i)
         weights = (self.p(f"{i}.w_gate"), self.p(f"{i}.w_up"), self.p(f"{i}.w_down"))
-        if self.uses_sparse_moe(B * T) and not _capturing(x):
+        if self.uses_sparse_moe() and not _capturing(x):
             y = moe.sparse_experts(x, gates, self.shape.experts_top_k, *weights)
         else:
             y = moe.dense_experts(x, gates, *weights)
         return y.view(K, B, T, D), balance
 
-    def uses_sparse_moe(self, num_tokens: int) -> bool:
-        """Whether a batch of `num_tokens` tokens goes to its experts only (ufw/moe.py)."""
-        if self.shape.num_experts == 1 or self.moe_dispatch == "dense":
-            return False
-        return self.moe_dispatch == "sparse" or moe.sparse_is_cheaper(
-            self.shape.num_experts, self.shape.experts_top_k, num_tokens)
+    def uses_sparse_moe(self) -> bool:
+        """Whether tokens go to their top-k experts only (ufw/moe.py), not to every expert."""
+        return self.shape.num_experts > 1 and self.moe_dispatch == "sparse"
 
     def expert_gates(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing of tokens x [K, N, D] in block i: (gates [K, N, E], balance [K]).

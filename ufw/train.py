@@ -86,7 +86,7 @@ class Population:
 
     def __init__(self, configs: list[UniversalConfig], corpus: Corpus,
                  device: str | torch.device = "cpu", cuda_graphs: bool | None = None,
-                 compile: bool = False, precision: str = "fp32", moe_dispatch: str = "auto"):
+                 compile: bool = False, precision: str = "fp32", moe_dispatch: str = "dense"):
         if not configs:
             raise ConfigError("population: needs at least one configuration")
         shapes = {c.shape_key for c in configs}
@@ -109,8 +109,7 @@ class Population:
         # its per-epoch inputs from these fixed buffers.
         # The sparse MoE's shapes follow the routing, which a graph cannot: it runs eager.
         if cuda_graphs is None:
-            tokens = configs[0].batch_size * configs[0].seq_len
-            cuda_graphs = self.device.type == "cuda" and not self.model.uses_sparse_moe(tokens)
+            cuda_graphs = self.device.type == "cuda" and not self.model.uses_sparse_moe()
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         # Compiling fuses the loss's element-wise work (norms, rotary, GLU, cross-entropy).
