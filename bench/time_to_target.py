@@ -22,6 +22,9 @@ From each sweep's trials Parquet it reports (compare()):
 - of (a)'s top 1% configurations (completed, by PPL), how many (b) drew at all (same sampler
   seed: the same first configurations; TPE's later draws depend on results) and how many of
   those it pruned, matched by config_id;
+- since TPE's draws in the two sweeps soon part, also how many of (a)'s top 1% successive
+  halving would stop when replayed on (a)'s own learning curves with (b)'s rungs (every
+  configuration of (a) at every rung: the rule with full information);
 - configurations evaluated per GPU-hour (rows with a result, any status except failed).
 
 A row's time is `ended_at` (when that configuration completed or was pruned: with refill one
@@ -60,12 +63,14 @@ QUICK = ["--num-samples", "16", "--cohort", "4", "--sweep-args",
 @dataclass
 class SweepRun:
     """One sweep's trials rows and how it ran: ``launched_at`` (Unix time its process was
-    started), ``wall_seconds`` (launch to exit) and ``gpus`` (devices it was given)."""
+    started), ``wall_seconds`` (launch to exit), ``gpus`` (devices it was given) and its
+    epochs rows (learning curves) where kept."""
 
     trials: pd.DataFrame
     launched_at: float
     wall_seconds: float
     gpus: float
+    epochs: pd.DataFrame | None = None
 
     def gpu_seconds(self, at: pd.Series) -> pd.Series:
         """GPU seconds from launch until the Unix times ``at``."""
@@ -117,13 +122,52 @@ def top_configurations_pruned(full: pd.DataFrame, pruning: pd.DataFrame,
             "pruned_fraction_of_drawn": len(pruned) / len(drawn) if drawn else math.nan}
 
 
+def successive_halving_replay(epochs: pd.DataFrame, min_resource: int = 1,
+                              reduction_factor: int = 3) -> set[str]:
+    """The config_ids successive halving stops when it sees every configuration of a sweep
+    without pruning at each rung (epochs min_resource, x reduction_factor, ...): at a rung,
+    of the configurations still in that trained that far, those whose best validation PPL so
+    far (mean over seeds) is not among the best 1/reduction_factor (at least one; ties kept,
+    as Optuna's SuccessiveHalvingPruner keeps them) are stopped."""
+    best = (epochs.groupby(["config_id", "epoch"])["val_ppl"].mean()
+            .groupby(level="config_id").cummin())
+    last_epoch = epochs.groupby("config_id")["epoch"].max()
+    alive, stopped, rung = set(last_epoch.index), set(), min_resource
+    while True:
+        reached = sorted(c for c in alive if last_epoch[c] >= rung)
+        if len(reached) < 2:
+            return stopped
+        values = best.xs(rung, level="epoch").reindex(reached)
+        keep = max(1, len(reached) // reduction_factor)
+        out = set(values[values > values.nsmallest(keep).max()].index)
+        stopped |= out
+        alive = set(reached) - out
+        rung *= reduction_factor
+
+
+def top_configurations_in_replay(full: SweepRun, min_resource: int, reduction_factor: int,
+                                 share: float = TOP_SHARE) -> dict[str, float | int] | None:
+    """Of ``full``'s best ``share`` of completed configurations, how many the replayed
+    successive halving stops (None without ``full``'s learning curves)."""
+    if full.epochs is None or full.epochs.empty:
+        return None
+    means = completed(full.trials).groupby("config_id")["best_ppl"].mean()
+    top = set(means.nsmallest(max(1, math.ceil(share * len(means))), keep="first").index)
+    stopped = successive_halving_replay(full.epochs, min_resource, reduction_factor)
+    return {"top_configurations": len(top), "stopped": len(top & stopped),
+            "stopped_fraction": len(top & stopped) / len(top),
+            "all_stopped_fraction": len(stopped) / len(means) if len(means) else math.nan,
+            "min_resource": min_resource, "reduction_factor": reduction_factor}
+
+
 def configurations_per_gpu_hour(run: SweepRun) -> float:
     """Rows with a result (completed or pruned, not failed) per GPU-hour of the whole sweep."""
     evaluated = run.trials["best_ppl"].notna() & (run.trials["status"] != "failed")
     return float(evaluated.sum()) / (run.wall_seconds * run.gpus / 3600)
 
 
-def compare(full: SweepRun, pruning: SweepRun, within: float = TARGET_WITHIN) -> dict:
+def compare(full: SweepRun, pruning: SweepRun, within: float = TARGET_WITHIN,
+            min_resource: int = 1, reduction_factor: int = 3) -> dict:
     """The record's numbers for sweep (a) ``full`` (no pruning) against (b) ``pruning``."""
     best = float(completed(full.trials)["best_ppl"].min())
     target = best * (1 + within)
@@ -138,6 +182,8 @@ def compare(full: SweepRun, pruning: SweepRun, within: float = TARGET_WITHIN) ->
         "best_over_time_no_pruning": best_over_time(full),
         "best_over_time_asha": best_over_time(pruning),
         "top_1pct_of_no_pruning": top_configurations_pruned(full.trials, pruning.trials),
+        "top_1pct_of_no_pruning_replayed": top_configurations_in_replay(full, min_resource,
+                                                                        reduction_factor),
         "configurations_per_gpu_hour": {"no_pruning": configurations_per_gpu_hour(full),
                                         "asha": configurations_per_gpu_hour(pruning)},
         "rows": {name: {str(k): int(v) for k, v in run.trials["status"].value_counts().items()}
@@ -172,13 +218,17 @@ def reference_data_flags() -> list[str]:
 def save_run(run: SweepRun, where: Path, name: str) -> None:
     where.mkdir(parents=True, exist_ok=True)
     run.trials.to_parquet(where / f"{name}_trials.parquet")
+    if run.epochs is not None:
+        run.epochs.to_parquet(where / f"{name}_epochs.parquet")
     (where / f"{name}_launch.json").write_text(json.dumps(
         {"launched_at": run.launched_at, "wall_seconds": run.wall_seconds, "gpus": run.gpus}))
 
 
 def load_run(where: Path, name: str) -> SweepRun:
     launch = json.loads((where / f"{name}_launch.json").read_text())
-    return SweepRun(pd.read_parquet(where / f"{name}_trials.parquet"), **launch)
+    epochs = where / f"{name}_epochs.parquet"
+    return SweepRun(pd.read_parquet(where / f"{name}_trials.parquet"), **launch,
+                    epochs=pd.read_parquet(epochs) if epochs.exists() else None)
 
 
 def run_sweep(command: list[str], results: Path, name: str, gpus: float) -> SweepRun:
@@ -189,7 +239,18 @@ def run_sweep(command: list[str], results: Path, name: str, gpus: float) -> Swee
     if status:  # the sweep's own lines said why
         sys.exit(f"error: sweep {name!r} exited with status {status}: {shlex.join(command)}")
     trials = pd.read_parquet(results / name / "trials")
-    return SweepRun(trials, launched_at, wall, gpus if gpus > 0 else 1.0)
+    return SweepRun(trials, launched_at, wall, gpus if gpus > 0 else 1.0,
+                    epochs=pd.read_parquet(results / name / "epochs"))
+
+
+def rungs(pruner_args: str) -> dict[str, int]:
+    """--min-resource and --reduction-factor as the ASHA sweep gets them (ufw.sweep's
+    defaults: 1 and 3)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--min-resource", type=int, default=1)
+    parser.add_argument("--reduction-factor", type=int, default=3)
+    known, _ = parser.parse_known_args(shlex.split(pruner_args))
+    return {"min_resource": known.min_resource, "reduction_factor": known.reduction_factor}
 
 
 def main() -> None:
@@ -241,7 +302,7 @@ def main() -> None:
               "sampler_seed": seed, "num_samples": args.num_samples, "cohort": args.cohort,
               "gpu_seconds_counted_as": "wall seconds since the sweep's launch x GPUs given "
                                         "(1 for a CPU run)",
-              **compare(runs["none"], runs["asha"]),
+              **compare(runs["none"], runs["asha"], **rungs(args.pruner_args)),
               "sweep_commands": {k: " ".join(c[1:]) for k, c in commands.items()}}
     print(record)
     device = "cpu_quick" if args.quick else ("cuda" if args.gpus else "cpu")

@@ -104,3 +104,37 @@ def test_seeded_space_fixes_the_sampler_seed_once(ttt, tmp_path):
     assert text["parameters"] == yaml.safe_load(space.read_text())["parameters"]
     again, seed = ttt.seeded_space(copy, 99, tmp_path / "unused")
     assert again == copy and seed == 7  # a space's own seed wins
+
+
+def curves(spec: dict[str, list[float]]) -> pd.DataFrame:
+    """Epochs rows: config_id -> validation PPL per epoch from 1 (one seed)."""
+    return pd.DataFrame([{"config_id": c, "epoch": e, "val_ppl": v, "seed": 0}
+                         for c, values in spec.items() for e, v in enumerate(values, 1)])
+
+
+def test_successive_halving_replayed_on_full_curves(ttt):
+    # 6 configurations, rungs at epochs 1, 3 (reduction factor 3, then 9: nobody gets there).
+    # Epoch 1: best 6 // 3 = 2 go on (a: 9, b: 10); c's 10 ties b's and is kept too.
+    # Epoch 3 (best so far): a 8.0, b 9.5, c 7.0 -> 3 // 3 = 1 goes on: c; a and b stop.
+    # f stopped on its own after epoch 1 (patience) but was still ranked at rung 1.
+    epochs = curves({"a": [9, 8.5, 8.0, 7.9], "b": [10, 9.5, 9.7, 9.6],
+                     "c": [10, 8, 7.0, 6.5], "d": [11, 6, 5, 4], "e": [12, 12, 12, 12],
+                     "f": [13]})
+    assert ttt.successive_halving_replay(epochs) == {"a", "b", "d", "e", "f"}
+    # grace period of 3 epochs: one rung at 3 of all 5 that trained that far -> 5 // 3 = 1
+    assert ttt.successive_halving_replay(epochs, min_resource=3) == {"a", "b", "c", "e"}
+    # a later-good configuration (d: 11 at epoch 1, 5 at 3) is what the rule loses
+    full = ttt.SweepRun(rows([(c, "completed", float(min(v)), 1000.0) for c, v in
+                              {"a": [7.9], "b": [9.5], "c": [6.5], "d": [4.0], "e": [12.0],
+                               "f": [13.0]}.items()]), 1000.0, 10.0, 1, epochs=epochs)
+    replayed = ttt.top_configurations_in_replay(full, 1, 3, share=0.3)
+    assert replayed["top_configurations"] == 2  # d and c
+    assert replayed["stopped"] == 1 and replayed["stopped_fraction"] == 0.5
+    assert replayed["all_stopped_fraction"] == pytest.approx(5 / 6)
+    assert ttt.top_configurations_in_replay(ttt.SweepRun(FULL, 0.0, 1.0, 1), 1, 3) is None
+
+
+def test_rungs_follow_the_pruning_flags(ttt):
+    assert ttt.rungs("") == {"min_resource": 1, "reduction_factor": 3}
+    assert ttt.rungs("--reduction-factor 4 --min-resource 2 --max-resource 20") == {
+        "min_resource": 2, "reduction_factor": 4}
