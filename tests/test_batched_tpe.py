@@ -10,7 +10,8 @@ import pytest
 from ufw.batched_tpe import BatchedTPESampler
 from ufw.space import parse_space
 
-SPACE = parse_space({
+RAW_SPACE = {
+    "fixed": {"dim": 16, "num_heads": 2},
     "parameters": {
         "schedule": {"type": "categorical", "choices": ["none", "linear", "step"]},
         "alpha_start": {"type": "float", "low": 0.3, "high": 0.95,
@@ -19,7 +20,8 @@ SPACE = parse_space({
         "routing_threshold": {"type": "float", "low": 0.5, "high": 1.0},
     },
     "objectives": [{"metric": "best_ppl", "direction": "minimize"}],
-})
+}
+SPACE = parse_space(RAW_SPACE)
 
 
 def asked_in_batches(sampler, history: int = 120, batches: int = 4, size: int = 8):
@@ -75,3 +77,40 @@ def test_an_optuna_without_the_internals_falls_back(monkeypatch):
 
 def test_a_tpe_space_uses_it():
     assert isinstance(SPACE.make_sampler(), BatchedTPESampler)
+
+
+def test_sampler_replicas_draw_what_the_study_actor_records(tmp_path, ray_local):
+    """With replicas (real Ray actors), asks are drawn by them from the study's finished
+    trials and recorded by the actor: the budget, holders and values hold as without."""
+    import ray
+
+    from ufw.sweep.study_service import StudyService
+
+    space = parse_space({**RAW_SPACE, "sampler": {"type": "tpe", "seed": 5,
+                                                        "n_startup_trials": 4}})
+    service = StudyService(space.to_dict(), str(tmp_path / "study.journal"), "s", 30,
+                           replicas=2)
+    assert len(service.replicas) == 2
+    outcome = random.Random(1)
+    asked = []
+    for size in (6, 6, 7):
+        batch = service.ask(size, "trial-a")
+        service.tell([(number, [outcome.random() + 7]) for number, _ in batch])
+        asked += batch
+    assert [n for n, _ in asked] == list(range(19))
+    # every finished trial reached each replica once; the last batch drew from 12 of them
+    assert [len(sent) for sent in service._sent] == [12, 12]
+    study = service.study
+    for number, values in asked:
+        trial = study.trials[number]
+        assert trial.user_attrs["ufw_holder"] == "trial-a" and trial.params == values
+        assert 0.1 <= values["lr_scale_1"] <= 1.0
+        assert ("alpha_start" in values) == (values["schedule"] != "none")
+    assert len({tuple(sorted(v.items())) for _, v in asked}) == len(asked)  # no twin draws
+    assert len(service.ask(20, "trial-b")) == 11  # the budget: 30 in all
+    assert service.ask(5, "trial-b") == []
+
+    # A replica that dies: the actor draws itself from then on.
+    spare = StudyService(space.to_dict(), str(tmp_path / "other.journal"), "o", 10, replicas=2)
+    ray.kill(spare.replicas[0])
+    assert len(spare.ask(4, "t")) == 4 and spare.replicas == []

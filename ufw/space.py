@@ -236,11 +236,14 @@ class SearchSpace:
     def grid_size(self) -> int:
         return math.prod(len(choices) for choices in self.grid().values())
 
-    def make_sampler(self):
+    def make_sampler(self, seed_offset: int = 0):
+        """The space's Optuna sampler; ``seed_offset`` gives a copy its own stream of draws
+        (added to the space's seed, if it fixes one)."""
         import optuna
 
         kind = self.sampler["type"]
         seed = self.sampler.get("seed")
+        seed = None if seed is None else seed + seed_offset
         if kind == "grid":
             from ufw.grid_sampler import GridSampler
 

@@ -8,6 +8,13 @@ the nodes, an actor needs no port, storage or credentials of its own, and each d
 every configuration reported so far, whichever trial or node trained it. (Optuna's gRPC
 storage proxy would do the same with a server to start, secure and find.)
 
+TPE's cost per ask grows with the study (its acquisition is evaluated against every finished
+trial), and one actor asks for every trial of the sweep: with refill, a population frees a
+hundred slots an epoch. On a machine with cores to spare the actor therefore hands TPE's draws
+to a few `SamplerReplica` actors beside it, each a copy of the study's finished trials with its
+own stream of the space's sampler, and only records what they drew (an enqueued trial: no
+sampling). The draws are the same algorithm from the same history, split over processes.
+
 The actor runs on the driver's node and keeps the study in the sweep's journal file
 (ufw/study.py): intermediate values, the rungs' records and the pruning decisions already
 taken survive a killed driver, and `--resume` continues from them.
@@ -23,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from typing import Any
 
+FINISHED_STATES = ("COMPLETE", "PRUNED")  # what TPE learns from (names: optuna loads lazily)
 HOLDER = "ufw_holder"
 ORPHAN = "ufw_orphan"
 PRUNERS = ("none", "asha", "hyperband", "median")
@@ -67,7 +76,7 @@ class StudyService:
 
     def __init__(self, space: dict[str, Any], study_file: str, study_name: str,
                  num_samples: int, pruning: dict[str, Any] | None = None,
-                 resume: bool = False):
+                 resume: bool = False, replicas: int = 0):
         import optuna
 
         from ufw.space import space_from_dict
@@ -86,6 +95,13 @@ class StudyService:
         if resume:  # a cohort asked but never handed to a Ray trial: nobody will train it
             self._close_orphans(lambda t: t.user_attrs.get(HOLDER) == "searcher")
         self.journal.flush()
+        # TPE's draws spread over sampler replicas (Ray actors beside this one); other
+        # samplers are cheap per ask, or (grid, NSGA-II) keep state that must stay here.
+        self.replicas: list[Any] = []
+        self._sent: list[set[int]] = []  # per replica: the finished trials it has
+        if replicas >= 2 and self.space.sampler["type"] == "tpe":
+            self.replicas = start_replicas(space, replicas)
+            self._sent = [set() for _ in self.replicas]
 
     # ------------------------------------------------------------------ asking
     def remaining(self) -> int:
@@ -98,13 +114,44 @@ class StudyService:
         none, when the budget is spent."""
         with self._lock:  # two askers must not both take the last configurations
             n = max(0, min(n, self.remaining()))
+            drawn = self._draw_in_replicas(n) if n >= 2 else None
             asked = []
-            for _ in range(n):
+            for values in drawn or [None] * n:
+                if values is not None:  # drawn by a replica: the trial only records it
+                    self.study.enqueue_trial(values)
                 trial = self.study.ask()
                 trial.set_user_attr(HOLDER, holder)
                 asked.append((trial.number, self.space.sample(trial)))
             self.journal.flush()
             return asked
+
+    def _draw_in_replicas(self, n: int) -> list[dict[str, Any]] | None:
+        """n configurations drawn by the replicas at once, each sent the finished trials it
+        lacks first; None without replicas (or once one failed: the actor asks itself)."""
+        if not self.replicas:
+            return None
+        import ray
+
+        finished = self.study.get_trials(deepcopy=False, states=self._finished_states())
+        shares = [n // len(self.replicas) + (i < n % len(self.replicas))
+                  for i in range(len(self.replicas))]
+        calls = []
+        for replica, sent, share in zip(self.replicas, self._sent, shares):
+            if share:
+                new = [t for t in finished if t.number not in sent]
+                sent.update(t.number for t in new)
+                calls.append(replica.draw.remote(new, share))
+        try:
+            return [values for drawn in ray.get(calls) for values in drawn]
+        except ray.exceptions.RayError:  # a replica is gone: draw here from now on
+            self.replicas, self._sent = [], []
+            return None
+
+    @staticmethod
+    def _finished_states():
+        import optuna
+
+        return tuple(optuna.trial.TrialState[name] for name in FINISHED_STATES)
 
     def hold(self, holder: str, numbers: list[int]) -> None:
         """These trials are now `holder`'s (a Ray trial given a cohort, or restarted from a
@@ -195,6 +242,50 @@ class StudyService:
                                 skip_if_finished=True)
 
 
+class SamplerReplica:
+    """The space's sampler over a copy of the study's finished trials, in its own process:
+    draws configurations for the study actor, which records them."""
+
+    def __init__(self, space: dict[str, Any], seed_offset: int):
+        import optuna
+
+        from ufw.space import space_from_dict
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.space = space_from_dict(space)
+        self.study = optuna.create_study(sampler=self.space.make_sampler(seed_offset),
+                                         directions=[o.direction for o in self.space.objectives])
+
+    def draw(self, finished: list, n: int) -> list[dict[str, Any]]:
+        """Learn `finished` (trials new to this replica), then draw n configurations; each
+        draw's trial is closed as failed here, which TPE ignores."""
+        import optuna
+
+        self.study.add_trials(finished)
+        drawn = []
+        for _ in range(n):
+            trial = self.study.ask()
+            drawn.append(self.space.sample(trial))
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return drawn
+
+
+def replicas_for_this_machine() -> int:
+    """Sampler replicas beside the study actor: a quarter of the cores, at most 4; none on a
+    machine with fewer than 8 (they would take the trials' cores)."""
+    return min(4, (os.cpu_count() or 1) // 4) if (os.cpu_count() or 1) >= 8 else 0
+
+
+def start_replicas(space: dict[str, Any], count: int) -> list[Any]:
+    """`count` SamplerReplica actors on this node, each with its own stream of draws."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return [ray.remote(SamplerReplica).options(num_cpus=0, scheduling_strategy=here)
+            .remote(space, i + 1) for i in range(count)]
+
+
 def start_service(plan_spec: dict[str, Any], space: dict[str, Any], study_file: str,
                   num_samples: int, resume: bool):
     """The sweep's StudyService as a named Ray actor on this (the driver's) node, beside
@@ -210,7 +301,7 @@ def start_service(plan_spec: dict[str, Any], space: dict[str, Any], study_file: 
         name=name, num_cpus=0, max_concurrency=8,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
     return actor.remote(space, study_file, plan_spec["sweep"], num_samples,
-                        plan_spec.get("pruning"), resume)
+                        plan_spec.get("pruning"), resume, replicas_for_this_machine())
 
 
 def find_service(sweep: str):
