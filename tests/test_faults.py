@@ -454,3 +454,42 @@ def test_a_read_only_results_directory_stops_the_sweep_before_ray(tiny_space, re
     message = f"error: --results: cannot write {read_only_disk / 'x'} (Read-only file system)"
     assert started.stderr.splitlines() == [message], started.stderr
     assert not started.stdout
+
+
+def test_the_study_journal_out_of_space_is_named_as_the_study(tmp_path, monkeypatch, ray_local):
+    """The study actor's journal write without space raises OutOfSpace naming the study, and
+    the driver, which sees it as a trial's error text (through Ray), names the study too,
+    not a checkpoint of that trial."""
+    import errno
+
+    import ray
+
+    from ufw.space import parse_space
+    from ufw.sweep import out_of_space
+    from ufw.sweep.callback import error_line
+    from ufw.sweep.study_service import StudyService
+
+    space = parse_space({"fixed": {"dim": 16, "num_heads": 2},
+                         "parameters": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2}},
+                         "sampler": {"type": "random", "seed": 0}})
+    service = StudyService(space.to_dict(), str(tmp_path / "study.journal"), "s", 4)
+
+    def full(logs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(service.journal.file, "append_logs", full)
+    with pytest.raises(out_of_space.OutOfSpace) as raised:
+        service.ask(2, "t")
+    assert raised.value.what == f"the sweep's Optuna study {tmp_path / 'study.journal'}"
+
+    @ray.remote
+    def actor_call(what, why):
+        raise out_of_space.OutOfSpace(what, why)
+
+    with pytest.raises(ray.exceptions.RayTaskError) as through_ray:
+        ray.get(actor_call.remote(raised.value.what, raised.value.why))
+    assert isinstance(through_ray.value, out_of_space.OutOfSpace)
+    text = error_line(str(through_ray.value))  # what the driver reads: the error's last line
+    assert out_of_space.reason(text) == os.strerror(errno.ENOSPC)
+    assert out_of_space.what_of(text) == raised.value.what
+    assert out_of_space.what_of("OSError: [Errno 28] No space left on device") is None

@@ -125,13 +125,16 @@ class _SweepCallback:
     def _stop_if_out_of_space(self, trial) -> None:
         """A trial that could not save its checkpoint for lack of space did nothing wrong:
         stop the sweep (Ray resumes the trial from its last checkpoint on --resume) rather
-        than retry it against a full disk or record it failed. (Raised from Tune's handling
-        of a trial's error, an exception ends the experiment.)"""
-        why = out_of_space.reason(trial_error(trial))
+        than retry it against a full disk or record it failed; so did one whose call to the
+        study actor found the study's journal without space (the error names it). (Raised
+        from Tune's handling of a trial's error, an exception ends the experiment.)"""
+        error = trial_error(trial)
+        why = out_of_space.reason(error)
         if why:
-            _stop_sweep(out_of_space.OutOfSpace(
+            what = out_of_space.what_of(error) or (
                 f"a checkpoint of trial {trial.trial_id} under "
-                f"{join(self.writer.root, self.spec['sweep'], 'ray')}", why))
+                f"{join(self.writer.root, self.spec['sweep'], 'ray')}")
+            _stop_sweep(out_of_space.OutOfSpace(what, why))
 
     def on_step_end(self, iteration, trials, **info) -> None:
         """Stop the sweep after a part could not be written. Not raised where the write

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 # ENOSPC: no space left; EDQUOT: the user's quota; EFBIG: the filesystem's file-size limit.
 OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -30,6 +31,9 @@ class OutOfSpace(Exception):
     def __init__(self, what: str, why: str):
         super().__init__(f"cannot write {what} ({why})")
         self.what, self.why = what, why
+
+    def __reduce__(self):  # rebuilt from what and why where Ray hands it over (the study actor)
+        return OutOfSpace, (self.what, self.why)
 
 
 def reason(error: BaseException | str | None) -> str | None:
@@ -47,6 +51,14 @@ def reason(error: BaseException | str | None) -> str | None:
         if found:
             return found
     return None
+
+
+def what_of(text: str | None) -> str | None:
+    """What an OutOfSpace raised elsewhere (e.g. in the study actor) and handed over as text
+    says could not be written; None if the text holds none."""
+    why = "|".join(map(re.escape, _MESSAGES))
+    found = re.search(rf"cannot write (.+) \((?:{why})\)", text or "")
+    return found.group(1) if found else None
 
 
 def find(error: BaseException) -> OutOfSpace | None:

@@ -86,6 +86,7 @@ class StudyService:
         self.space = space_from_dict(space)
         # This actor alone writes the study while the sweep runs: each call's operations
         # reach the file together, before the call returns (ufw/study.py).
+        self.study_file = study_file
         self.journal = batched_journal(study_file)
         self.study = self.space.create_study(journal_storage(study_file, self.journal),
                                              study_name)
@@ -94,7 +95,7 @@ class StudyService:
         self._lock = threading.Lock()
         if resume:  # a cohort asked but never handed to a Ray trial: nobody will train it
             self._close_orphans(lambda t: t.user_attrs.get(HOLDER) == "searcher")
-        self.journal.flush()
+        self._flush()
         # TPE's draws spread over sampler replicas (Ray actors beside this one); other
         # samplers are cheap per ask, or (grid, NSGA-II) keep state that must stay here.
         self.replicas: list[Any] = []
@@ -122,7 +123,7 @@ class StudyService:
                 trial = self.study.ask()
                 trial.set_user_attr(HOLDER, holder)
                 asked.append((trial.number, self.space.sample(trial)))
-            self.journal.flush()
+            self._flush()
             return asked
 
     def _draw_in_replicas(self, n: int) -> list[dict[str, Any]] | None:
@@ -165,7 +166,7 @@ class StudyService:
                     self._trial(n).set_user_attr(HOLDER, holder)
             self._close_orphans(lambda t: t.user_attrs.get(HOLDER) == holder
                                 and t.number not in keep)
-            self.journal.flush()
+            self._flush()
 
     # ------------------------------------------------------------------ results
     def report(self, reports: list[tuple[int, int, float]]) -> list[int]:
@@ -188,7 +189,7 @@ class StudyService:
                 self.study.tell(number, state=optuna.trial.TrialState.PRUNED,
                                 skip_if_finished=True)
                 pruned.append(number)
-        self.journal.flush()
+        self._flush()
         return pruned
 
     def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
@@ -202,7 +203,7 @@ class StudyService:
             else:
                 self.study.tell(number, values if len(values) > 1 else values[0],
                                 skip_if_finished=True)
-        self.journal.flush()
+        self._flush()
 
     def end(self, holder: str) -> None:
         """A Ray trial is over (finished or failed for good): what it held and did not tell
@@ -214,14 +215,29 @@ class StudyService:
             if t.user_attrs.get(HOLDER) == holder:
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL,
                                 skip_if_finished=True)
-        self.journal.flush()
+        self._flush()
 
     def finish(self) -> None:
         """The sweep is over: no running trial is left open in the study."""
         self._close_orphans(lambda t: True)
-        self.journal.flush()
+        self._flush()
 
     # ------------------------------------------------------------------ helpers
+    def _flush(self) -> None:
+        """This call's operations to the journal file. A full disk stops the sweep naming the
+        study (the trial whose call this was did nothing wrong), as ufw/sweep/out_of_space.py
+        describes."""
+        from ufw.sweep import out_of_space
+
+        try:
+            self.journal.flush()
+        except OSError as e:
+            why = out_of_space.reason(e)
+            if why:
+                raise out_of_space.OutOfSpace(f"the sweep's Optuna study {self.study_file}",
+                                              why) from e
+            raise
+
     def _trial(self, number: int):
         import optuna
 
