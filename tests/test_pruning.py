@@ -210,3 +210,28 @@ def test_pruned_sweep_killed_and_resumed_keeps_every_configuration_once(ray_loca
     # closed as an orphan, not trained, not counted.
     others = [t for t in study.trials if t.number not in set(frame["optuna_number"])]
     assert all(t.state.name == "FAIL" and t.user_attrs.get(ORPHAN) for t in others)
+
+
+def test_a_tpe_sweep_with_sampler_replicas_records_what_they_drew(ray_local, tiny_space,
+                                                                  tmp_path, monkeypatch):
+    """On a driver machine with the cores for them, the study actor's TPE draws come from
+    sampler replicas (here 2, as on a machine with 8 cores): a pruned, refilling sweep still
+    trains 12 configurations, each once, and the study holds exactly their parameters."""
+    from ufw.sweep import study_service
+
+    monkeypatch.setattr(study_service, "replicas_for_this_machine", lambda: 2)
+    results = tmp_path / "results"
+    space = tiny_space(PRUNED_SPACE.replace("random, seed: 7",
+                                            "tpe, seed: 7, n_startup_trials: 3"),
+                       max_epochs=6, patience=6)
+    assert sweep.main([str(space), "--num-samples", "12", "--cohort", "3", "--pruner", "asha",
+                       "--results", str(results), "--name", "r"]) == 0
+    frame = pd.read_parquet(results / "r" / "trials")
+    assert len(frame) == 12 and frame["config_id"].is_unique
+    study = load_study(str(results / "r" / "study.journal"))
+    trained = {t.number: t for t in study.trials if not t.user_attrs.get(ORPHAN)}
+    assert sorted(trained) == sorted(int(n) for n in frame["optuna_number"])
+    for number, lr in zip(frame["optuna_number"], frame["lr"]):
+        assert trained[int(number)].params["lr"] == pytest.approx(lr)
+    # asked in batches larger than one, some configurations came from the replicas
+    assert any("fixed_params" in t.system_attrs for t in trained.values())
