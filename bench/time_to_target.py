@@ -244,12 +244,11 @@ def run_sweep(command: list[str], results: Path, name: str, gpus: float) -> Swee
 
 
 def rungs(pruner_args: str) -> dict[str, int]:
-    """--min-resource and --reduction-factor as the ASHA sweep gets them (ufw.sweep's
-    defaults: 1 and 3)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--min-resource", type=int, default=1)
-    parser.add_argument("--reduction-factor", type=int, default=3)
-    known, _ = parser.parse_known_args(shlex.split(pruner_args))
+    """--min-resource and --reduction-factor as the ASHA sweep gets them: read by ufw.sweep's
+    own parser, so its defaults are the sweep's."""
+    from ufw.sweep import build_parser
+
+    known, _ = build_parser().parse_known_args(["space.yaml", *shlex.split(pruner_args)])
     return {"min_resource": known.min_resource, "reduction_factor": known.reduction_factor}
 
 

@@ -44,9 +44,9 @@ class BatchedTPESampler(optuna.samplers.TPESampler):
         super().__init__(constant_liar=False, **kwargs)
         self._fitted: dict[Any, tuple[Any, Any]] = {}
         self._fitted_at = -1  # how many trials were finished when _fitted was fitted
-        self._internals = all(hasattr(tpe_module, "_split_trials") and hasattr(self, name)
-                              for name in ("_build_parzen_estimator",
-                                           "_compute_acquisition_func", "_compare", "_gamma"))
+        self._internals = hasattr(tpe_module, "_split_trials") and all(
+            hasattr(self, name) for name in ("_build_parzen_estimator",
+                                             "_compute_acquisition_func", "_compare", "_gamma"))
 
     def _sample(self, study, trial, search_space: dict[str, Any]) -> dict[str, Any]:
         if not self._internals:

@@ -34,7 +34,6 @@ import os
 import threading
 from typing import Any
 
-FINISHED_STATES = ("COMPLETE", "PRUNED")  # what TPE learns from (names: optuna loads lazily)
 HOLDER = "ufw_holder"
 ORPHAN = "ufw_orphan"
 PRUNERS = ("none", "asha", "hyperband", "median")
@@ -133,7 +132,9 @@ class StudyService:
             return None
         import ray
 
-        finished = self.study.get_trials(deepcopy=False, states=self._finished_states())
+        from ufw.batched_tpe import FINISHED  # the trials TPE learns from
+
+        finished = self.study.get_trials(deepcopy=False, states=FINISHED)
         shares = [n // len(self.replicas) + (i < n % len(self.replicas))
                   for i in range(len(self.replicas))]
         calls = []
@@ -147,12 +148,6 @@ class StudyService:
         except ray.exceptions.RayError:  # a replica is gone: draw here from now on
             self.replicas, self._sent = [], []
             return None
-
-    @staticmethod
-    def _finished_states():
-        import optuna
-
-        return tuple(optuna.trial.TrialState[name] for name in FINISHED_STATES)
 
     def hold(self, holder: str, numbers: list[int]) -> None:
         """These trials are now `holder`'s (a Ray trial given a cohort, or restarted from a
