@@ -163,6 +163,21 @@ def test_compiled_loss_trains_like_eager(corpus):
     assert compiled.finished and eager.finished
 
 
+def test_compiled_loss_stays_exact_when_a_process_trains_another_shape(corpus):
+    """A Ray worker trains one population after another in one process. The second shape
+    must not get a graph retraced with symbolic sizes (torch.compile's automatic dynamic
+    shapes dropped a layer's term here: half the loss): its compiled loss equals the eager
+    one."""
+    first = Population([tiny()], corpus, compile=True)  # 3 layers, the last one weighted
+    first.run_epoch()
+    second = Population([tiny(num_layers=2, layer_weights={1: 0.5, 2: 0.5})], corpus,
+                        compile=True)
+    x, y = corpus.train_batches[0]
+    args = (second.model, x, y, second._weights, [1, second.objective.num_layers])
+    torch.testing.assert_close(second._loss(*args), second.objective.loss(*args),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_same_seed_same_result(corpus):
     a, b = (train([tiny("lpt_routing", seed=5)], corpus)[0] for _ in range(2))
     assert (a["best_ppl"], a["best_epoch"], a["acc"]) == (b["best_ppl"], b["best_epoch"],

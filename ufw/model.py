@@ -172,15 +172,19 @@ class EarlyExitLM(nn.Module):
     def expert_gates(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing of tokens x [K, N, D] in block i: (gates [K, N, E], balance [K]).
 
-        A token's gates are its router probabilities of its top-k experts renormalised to sum
-        to 1, and exactly 0 for every other expert. The Switch Transformer load-balancing loss
+        A token's gates are its router probabilities of its top-k experts, renormalised to sum
+        to 1 when k > 1 (Mixtral), and exactly 0 for every other expert. With k = 1 the gate is
+        the probability itself (Switch Transformer): renormalised it would be p / p = 1, the
+        router would get no gradient from the task loss, and AdamW would turn the rounding
+        noise left in its place into full-sized steps. The Switch Transformer load-balancing loss
         is E * sum_e f_e * P_e (f_e: share of token-to-expert assignments, P_e: mean router
         probability of expert e); it is 1.0 when the router or the assignments are uniform.
         """
         E, k = self.shape.num_experts, self.shape.experts_top_k
         probs = torch.softmax(torch.bmm(x, self.p(f"{i}.router")), dim=-1)  # [K, N, E]
         top_p, top_i = probs.topk(k, dim=-1)
-        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        weights = top_p / top_p.sum(-1, keepdim=True) if k > 1 else top_p
+        gates = torch.zeros_like(probs).scatter(-1, top_i, weights)
         routed = torch.zeros_like(probs).scatter(-1, top_i, 1.0 / k)  # share of assignments
         balance = E * (routed.mean(1) * probs.mean(1)).sum(-1)  # [K]
         return gates, balance

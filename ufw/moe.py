@@ -21,6 +21,8 @@ implementation of top-k routing by tokens.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 
@@ -37,32 +39,58 @@ def sparse_experts(x: torch.Tensor, gates: torch.Tensor, top_k: int, w_gate: tor
                    w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """Each expert on its own tokens only; the same result as `dense_experts`.
 
-    Per member, the N * top_k (token, expert) assignments are sorted by expert. Expert e
-    then takes, for every member at once, a [K, C_e] block of its tokens (C_e: the most any
-    member routes to e; members with fewer pad with weight 0) through one batched product,
-    and adds its weighted outputs back to their tokens.
+    The K * N * top_k (member, token, expert) assignments are sorted into K * E groups
+    (member k's tokens for expert e), each padded to a multiple of `ALIGN` rows, so that each
+    of the GLU's three products is one grouped product over all groups (`grouped_products`).
+    Every shape depends on K, N, E and top_k only, never on the routing.
     """
     K, N, D = x.shape
     E = gates.shape[-1]
+    groups, assignments = K * E, K * N * top_k
+    device = x.device
     weight, expert = gates.topk(top_k, dim=-1)  # the k nonzero gates of every token
-    expert, weight = expert.reshape(K, N * top_k), weight.reshape(K, N * top_k)
-    order = expert.argsort(dim=1, stable=True)
-    token = torch.arange(N, device=x.device).repeat_interleave(top_k)[order]  # [K, A]
-    weight = weight.gather(1, order)
-    counts = torch.zeros(K, E, dtype=torch.long, device=x.device)
-    counts.scatter_add_(1, expert, torch.ones_like(expert))
-    starts = counts.cumsum(1) - counts
-    widths = counts.amax(0).tolist()  # the one host sync: the blocks' sizes
-    out = x.new_zeros(K, N, D, dtype=torch.float32)
-    for e, width in enumerate(widths):
-        if width == 0:
-            continue
-        slot = torch.arange(width, device=x.device)
-        valid = slot < counts[:, e, None]  # [K, C]
-        position = (starts[:, e, None] + slot).clamp(max=N * top_k - 1)
-        tokens = token.gather(1, position)
-        xe = x.gather(1, tokens[..., None].expand(K, width, D))
-        a = F.silu(torch.bmm(xe, w_gate[:, e])) * torch.bmm(xe, w_up[:, e])
-        ye = torch.bmm(a, w_down[:, e]).float() * (weight.gather(1, position) * valid)[..., None]
-        out = out.scatter_add(1, tokens[..., None].expand(K, width, D), ye)
-    return out
+    group = (expert + E * torch.arange(K, device=device)[:, None, None]).flatten()
+    order = group.argsort(stable=True)
+    group, weight = group[order], weight.flatten()[order]
+    token = torch.arange(K * N, device=device).repeat_interleave(top_k)[order]  # row of x
+    counts = torch.zeros(groups, dtype=torch.long, device=device).index_add_(
+        0, group, torch.ones_like(group))
+    padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+    ends = padded.cumsum(0)
+    total = assignments + groups * (ALIGN - 1)  # room for any routing
+    ends[-1] = total  # the last group takes the spare rows (zeros), so none is left over
+    # where each sorted assignment lives: its group's first padded row + its rank in the group
+    row = (ends - padded)[group] + torch.arange(assignments, device=device) - (
+        counts.cumsum(0) - counts)[group]
+    dtype = _product_dtype(x)
+    rows = x.new_zeros(total, D, dtype=dtype).index_copy(
+        0, row, x.reshape(K * N, D)[token].to(dtype))
+    a = (F.silu(grouped_products(rows, w_gate.flatten(0, 1), ends))
+         * grouped_products(rows, w_up.flatten(0, 1), ends))
+    y = grouped_products(a, w_down.flatten(0, 1), ends)[row].float() * weight[:, None]
+    return x.new_zeros(K * N, D, dtype=torch.float32).index_add(0, token, y).view(K, N, D)
+
+
+ALIGN = 16  # rows per group are padded to this: 16-byte aligned bf16 offsets for the kernel
+
+
+def grouped_products(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """rows [M, D] in consecutive groups ending at `ends` [G] (the last at M), w [G, D, F]:
+    each group's rows times its own matrix.
+
+    bf16 (with D and F multiples of 8): one grouped kernel for all groups (`torch._grouped_mm`,
+    forward and backward), with no host sync. Otherwise a loop over the groups (their bounds
+    read on the host): the fp32 reference.
+    """
+    w = w.to(rows.dtype)
+    aligned = rows.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0  # the kernel's 16-byte rows
+    if rows.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(rows, w, offs=ends.to(torch.int32))
+    bounds = [0, *ends.tolist()]
+    return torch.cat([rows[s:e] @ w[g] for g, (s, e) in enumerate(pairwise(bounds))])
+
+
+def _product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert products run in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

@@ -113,7 +113,11 @@ class Population:
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         # Compiling fuses the loss's element-wise work (norms, rotary, GLU, cross-entropy).
-        self._loss = torch.compile(self.objective.loss) if compile else self.objective.loss
+        # Static shapes: a process (a Ray worker) that trains another shape compiles anew.
+        # With torch.compile's automatic dynamic shapes, the graph retraced for a second shape
+        # dropped loss terms (a 2-layer loss after a 3-layer one came out halved, torch 2.13).
+        self._loss = (torch.compile(self.objective.loss, dynamic=False) if compile
+                      else self.objective.loss)
         self._weights = self.objective.layer_weights(0)
         self._active = torch.ones(len(configs), device=self.device)
         self._total = torch.zeros(len(configs), device=self.device)
