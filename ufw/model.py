@@ -105,11 +105,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    """Inside CUDA graph capture, where the sparse MoE's routing-dependent shapes can't be."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 class EarlyExitLM(nn.Module):
     """K members of the same shape; `forward` returns the hidden state after every block."""
 
@@ -159,7 +154,7 @@ class EarlyExitLM(nn.Module):
             return torch.bmm(a, self.p(f"{i}.w_down")).view(K, B, T, D), None
         gates, balance = self.expert_gates(x, i)
         weights = (self.p(f"{i}.w_gate"), self.p(f"{i}.w_up"), self.p(f"{i}.w_down"))
-        if self.uses_sparse_moe() and not _capturing(x):
+        if self.uses_sparse_moe():  # (Population trains it without CUDA graphs)
             y = moe.sparse_experts(x, gates, self.shape.experts_top_k, *weights)
         else:
             y = moe.dense_experts(x, gates, *weights)

@@ -1,22 +1,20 @@
 """Mixture-of-Experts feed-forward layers for a population: the dense reference and the
-sparse dispatch whose cost follows top-k.
+sparse dispatch whose arithmetic follows top-k.
 
 Both compute, for every member k and token n, sum_e gates[k, n, e] * GLU_e(x[k, n]) with
 the gates of `EarlyExitLM.expert_gates` (exactly 0 outside a token's top-k experts).
 The dense path runs every expert on every token and weighs the results; its cost grows
-with the number of experts. The sparse path groups each member's tokens by expert and runs
-each expert only on the tokens routed to it: cost ~ top_k / num_experts of the dense one,
-plus the gathering. Its shapes depend on the routing (a host sync per layer), so it cannot
-be captured in a CUDA graph; `EarlyExitLM` falls back to the dense path while capturing.
+with the number of experts. The sparse path sorts the (member, token, expert) assignments
+into (member, expert) groups and runs each group's tokens through its own expert only:
+in bf16 each of the GLU's three products is one grouped matrix product over all groups
+(`torch._grouped_mm`), with static shapes and no host sync; in fp32 it loops over the
+groups (the reference).
 
 Dense is the default because it was faster wherever measured. On an H200 at (512, 8, 8, 256),
 batch 32, 8 experts, bf16, compiled (`bench/scale.py --moe`, bench/results/scale_cuda_moe.json):
-dense 5.6 s per epoch for top-1 and 5.8 s for top-2, sparse 21.0 s and 26.5 s. The per-expert
-loop, its gathers and a host sync per layer cost more than the expert products it skips, and
-its routing-dependent shapes keep it out of CUDA graphs and make torch.compile recompile. On
-a 2-core CPU at dim 64 sparse was slower too. A sparse path that pays off needs grouped
-matrix products in one kernel; `moe_dispatch="sparse"` keeps this one as the reference
-implementation of top-k routing by tokens.
+dense 5.5 s per epoch for top-1 and 5.8-7.6 s for top-2; sparse with grouped products 9.1 and
+9.5 s (a per-expert loop before it: 21.0 and 26.5 s). That sparse run still had a graph break
+per layer (since removed), so it is an upper bound; re-measure before changing the default.
 """
 
 from __future__ import annotations
