@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+# Recorded in every row (ufw_version). Raised whenever a change alters what training computes,
+# so that rows from before and after can be told apart. 0.2.0: top-1 MoE gates are the
+# router probability; compiled losses use static shapes (docs/design.md).
+__version__ = "0.2.0"
 
 from ufw.config import PRESETS, AlphaSchedule, UniversalConfig
 

@@ -62,7 +62,8 @@ def plot_comparison(table: pd.DataFrame, sweep: str, top: int = 15):
                     xytext=(4, -3), textcoords="offset points", fontsize=7)
     ax.set_xlim(0.95 * (shown["ppl_mean"] - err).min(), 1.05 * (shown["ppl_mean"] + err).max())
     ax.set_xlabel("validation PPL (mean over seeds; bars: 95% CI where >= 2 seeds)")
-    ax.set_title(f"{sweep}: best PPL of the top {len(shown)} of {len(table)} completed "
+    # two lines: a long sweep name (e.g. a confirmation's) would run past the narrow figure
+    ax.set_title(f"{sweep}:\nbest PPL of the top {len(shown)} of {len(table)} completed "
                  f"configurations{left_out_suffix(table)}", fontsize=10)
     fig.tight_layout()
     return fig
