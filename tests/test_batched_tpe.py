@@ -65,6 +65,21 @@ def test_fits_once_per_batch_and_group(monkeypatch):
     assert 3 <= len(fits) <= 3 * 2
 
 
+def test_infers_the_search_space_once_per_batch(monkeypatch):
+    """The multivariate TPE's search space (the finished trials' intersection) is computed
+    when a trial has finished since, not on every ask."""
+    calls = []
+    original = optuna.samplers.TPESampler.infer_relative_search_space
+    monkeypatch.setattr(optuna.samplers.TPESampler, "infer_relative_search_space",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    ours = asked_in_batches(BatchedTPESampler(seed=3), batches=3, size=8)
+    assert len(calls) == 3  # one per batch of 8
+    calls.clear()
+    assert ours == asked_in_batches(
+        optuna.samplers.TPESampler(seed=3, constant_liar=False), batches=3, size=8)
+    assert len(calls) == 3 * 8  # Optuna's own: once per ask
+
+
 def test_an_optuna_without_the_internals_falls_back(monkeypatch):
     sampler = BatchedTPESampler(seed=3)
     sampler._internals = False

@@ -20,6 +20,12 @@ every ask changes what the next one fits, and a batch would cost as much as one 
 Without it, the asks of a batch are independent draws of the same TPE, like Optuna's TPE
 in several processes before 5.0.
 
+The same holds for the search space the multivariate TPE (Optuna 5's default for one
+objective) infers before each ask: the intersection of the finished trials' distributions.
+Optuna recomputes it per ask, scanning every trial back to the oldest running one; with
+hundreds of configurations in flight that was half of an ask's cost. It is kept as long as
+the finished trials are the same, too.
+
 Uses TPESampler's internal steps (`_split_trials`, `_build_parzen_estimator`,
 `_compute_acquisition_func`, `_compare`); when an Optuna release changes them, this falls
 back to Optuna's own `_sample` (same values, without the saving).
@@ -44,9 +50,20 @@ class BatchedTPESampler(optuna.samplers.TPESampler):
         super().__init__(constant_liar=False, **kwargs)
         self._fitted: dict[Any, tuple[Any, Any]] = {}
         self._fitted_at = -1  # how many trials were finished when _fitted was fitted
+        self._space: dict[str, Any] = {}
+        self._space_at: tuple[int, int] = (-1, -1)  # (study id, finished trials) of _space
         self._internals = hasattr(tpe_module, "_split_trials") and all(
             hasattr(self, name) for name in ("_build_parzen_estimator",
                                              "_compute_acquisition_func", "_compare", "_gamma"))
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
+        if not self._internals:
+            return super().infer_relative_search_space(study, trial)
+        at = (study._study_id, len(study._get_trials(deepcopy=False, states=FINISHED,
+                                                      use_cache=True)))
+        if at != self._space_at:  # a trial finished since: the intersection may be smaller
+            self._space, self._space_at = super().infer_relative_search_space(study, trial), at
+        return dict(self._space)
 
     def _sample(self, study, trial, search_space: dict[str, Any]) -> dict[str, Any]:
         if not self._internals:
