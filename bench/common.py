@@ -12,11 +12,9 @@ import torch
 
 from ufw.data import CACHE_DIR, Corpus, load_corpus
 
-# The WikiText-2 files: UFW_WIKITEXT2 names their directory; else the team's copy beside the
-# checkout if there is one; else where `--data wikitext2` downloads them (docs/design.md).
-_TEAM_COPY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
-SHARED = Path(os.environ.get("UFW_WIKITEXT2", _TEAM_COPY if _TEAM_COPY.is_dir()
-                             else CACHE_DIR / "wikitext-2"))
+# The WikiText-2 files: UFW_WIKITEXT2 names their directory; else where `--data wikitext2`
+# downloads them (docs/design.md).
+SHARED = Path(os.environ.get("UFW_WIKITEXT2", CACHE_DIR / "wikitext-2"))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
