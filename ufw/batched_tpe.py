@@ -48,29 +48,35 @@ class BatchedTPESampler(optuna.samplers.TPESampler):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(constant_liar=False, **kwargs)
+        # What this sampler keeps while the finished trials stay the same: the estimators per
+        # parameter group, and the inferred search space (None: not inferred yet).
         self._fitted: dict[Any, tuple[Any, Any]] = {}
-        self._fitted_at = -1  # how many trials were finished when _fitted was fitted
-        self._space: dict[str, Any] = {}
-        self._space_at: tuple[int, int] = (-1, -1)  # (study id, finished trials) of _space
+        self._space: dict[str, Any] | None = None
+        self._kept_for: tuple[int, int] = (-1, -1)  # (study id, finished trials)
         self._internals = hasattr(tpe_module, "_split_trials") and all(
             hasattr(self, name) for name in ("_build_parzen_estimator",
                                              "_compute_acquisition_func", "_compare", "_gamma"))
 
+    def _finished(self, study) -> list:
+        """The study's finished trials; forgets what was kept when one finished since."""
+        finished = study._get_trials(deepcopy=False, states=FINISHED, use_cache=True)
+        if (study._study_id, len(finished)) != self._kept_for:
+            self._fitted, self._space = {}, None
+            self._kept_for = (study._study_id, len(finished))
+        return finished
+
     def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
         if not self._internals:
             return super().infer_relative_search_space(study, trial)
-        at = (study._study_id, len(study._get_trials(deepcopy=False, states=FINISHED,
-                                                      use_cache=True)))
-        if at != self._space_at:  # a trial finished since: the intersection may be smaller
-            self._space, self._space_at = super().infer_relative_search_space(study, trial), at
+        self._finished(study)
+        if self._space is None:
+            self._space = super().infer_relative_search_space(study, trial)
         return dict(self._space)
 
     def _sample(self, study, trial, search_space: dict[str, Any]) -> dict[str, Any]:
         if not self._internals:
             return super()._sample(study, trial, search_space)
-        finished = study._get_trials(deepcopy=False, states=FINISHED, use_cache=True)
-        if len(finished) != self._fitted_at:  # a trial finished since: fit anew
-            self._fitted, self._fitted_at = {}, len(finished)
+        finished = self._finished(study)
         key = tuple((name, repr(dist)) for name, dist in search_space.items())
         if key not in self._fitted:
             self._fitted[key] = self._fit(study, finished, search_space)
