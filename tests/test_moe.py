@@ -102,7 +102,7 @@ def test_sparse_experts_under_bf16_autocast_match_the_fp32_reference(top_k):
     for use_sparse in (True, False):
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(top_k, -1)
-        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        gates = torch.zeros_like(probs).scatter(-1, top_i, top_p)  # any gates 0 off the top-k
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_sparse):
             out = (sparse_experts(x, gates, top_k, *weights) if use_sparse
                    else dense_experts(x, gates, *weights))
@@ -111,8 +111,6 @@ def test_sparse_experts_under_bf16_autocast_match_the_fp32_reference(top_k):
         for t in (x, logits, *weights):
             t.grad = None
     for name, got, want in zip(["out", "x", "logits", "w_gate", "w_up", "w_down"], *results):
-        if name == "logits" and top_k == 1:
-            continue  # a single gate is p / p = 1: no gradient to compare
         scale = want.abs().max()
         torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=2e-2, msg=name)
 
