@@ -20,7 +20,8 @@ A model-epoch is one member trained for one epoch plus its evaluation; each vari
 warm-up epoch (compilation, graph capture) before --epochs timed ones. Peak memory is per
 member, on a GPU only. A population that does not fit is recorded as out of memory.
 `--moe` adds ufw K = 1 at (512, 8, 8, 256) with 8 experts, top-1 and top-2, dense
-(every expert on every token) against sparse (tokens to their experts only).
+(every expert on every token) against sparse (tokens to their experts only); `--moe-top-k`
+and `--moe-variants` pick some (one per process keeps torch.compile's caches apart).
 Writes bench/results/scale_<device>.json (scale_<device>_quick.json with --quick).
 """
 
@@ -146,17 +147,23 @@ def measure_size(size, corpus, args) -> list[dict]:
     return records
 
 
+MOE_VARIANTS = {"dense": {"moe_dispatch": "dense"}, "sparse": {"moe_dispatch": "sparse"},
+                # is the bf16 sparse path capturable, and does replay pay there too?
+                "sparse_graphs": {"moe_dispatch": "sparse", "cuda_graphs": True}}
+
+
 def measure_moe(size, corpus, args) -> list[dict]:
     records = []
-    for top_k in (1, 2):
+    for top_k in args.moe_top_k:
         config = config_for(size, max_epochs=args.epochs + 1, num_experts=8,
                             experts_top_k=top_k)
-        for dispatch in ("dense", "sparse"):
+        for variant in args.moe_variants:
             run_epoch = population_run([config], corpus, args.device, args.precision,
-                                       moe_dispatch=dispatch)
+                                       **MOE_VARIANTS[variant])
             records.append(measure("ufw_moe", run_epoch, 1, args.epochs, args.device,
                                    precision=args.precision, compile=True, size=list(size),
-                                   num_experts=8, experts_top_k=top_k, moe_dispatch=dispatch))
+                                   num_experts=8, experts_top_k=top_k, moe_variant=variant,
+                                   **MOE_VARIANTS[variant]))
     return records
 
 
@@ -191,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-chars", type=int, help="train on the first N characters only")
     parser.add_argument("--moe", action="store_true",
                         help="also dense vs sparse MoE at (512, 8, 8, 256), 8 experts")
+    parser.add_argument("--moe-top-k", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    parser.add_argument("--moe-variants", nargs="+", default=["dense", "sparse"],
+                        choices=list(MOE_VARIANTS))
     parser.add_argument("--ufw-only", action="store_true",
                         help="skip the naive and careful loops (e.g. measured already)")
     parser.add_argument("--no-graphs-too", action="store_true",

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 
 from ufw.config import AlphaSchedule, preset
 from ufw.data import make_corpus, python_docs_text
@@ -176,6 +177,18 @@ def test_compiled_loss_stays_exact_when_a_process_trains_another_shape(corpus):
     args = (second.model, x, y, second._weights, [1, second.objective.num_layers])
     torch.testing.assert_close(second._loss(*args), second.objective.loss(*args),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_step_reads_the_rotary_tables_instead_of_recomputing_them(corpus):
+    """Tables built inside the compiled loss were fused into the rotary kernels, which then
+    computed pow, cos and sin again for every element of q and k (~20% of a K = 256 bf16
+    epoch on an H200). Population keeps them as buffers; the loss stays the eager one."""
+    population = Population([tiny(seed=s) for s in range(2)], corpus, compile=True)
+    x, y = corpus.train_batches[0]
+    args = (population.model, x, y, population._weights, [1, population.objective.num_layers])
+    loss, code = run_and_get_code(population._loss, *args)
+    assert not any("cos" in kernel for kernel in code)
+    torch.testing.assert_close(loss, population.objective.loss(*args), rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_result(corpus):

@@ -100,6 +100,7 @@ class Population:
         self.shape = ModelShape.of(configs[0], corpus.vocab_size)
         self.model = EarlyExitLM(self.shape, [c.seed for c in configs],
                                  moe_dispatch).to(self.device)
+        self.model.cache_rotary(configs[0].seq_len)
         teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab,
                                corpus.tokenizer)
         self.objective = Objective(self.configs, self.device, teacher, precision)
