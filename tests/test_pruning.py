@@ -53,6 +53,17 @@ def test_asha_decisions_follow_the_successive_halving_rule(tmp_path):
     assert study.report([(numbers[2], 3, 2.0)]) == []  # the first at rung 1: promoted
 
 
+def test_the_actor_says_where_its_time_went(tmp_path):
+    study = service(tmp_path, 5, ASHA)
+    assert study.load() == ""
+    numbers = [n for n, _ in study.ask(2, "t")] + [n for n, _ in study.ask(2, "t")]
+    study.report([(n, 1, 1.0) for n in numbers])
+    study.tell([(numbers[0], [1.0])])
+    phases = dict(part.split(": ", 1) for part in study.load().split("; "))
+    assert phases["ask, sampling or recording"].startswith("2 calls, ")
+    assert phases["report"].startswith("1 calls, ") and phases["tell"].startswith("1 calls, ")
+
+
 def test_median_and_hyperband_pruners_are_optunas(tmp_path):
     from ufw.sweep.study_service import make_pruner
 

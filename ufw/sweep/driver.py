@@ -310,6 +310,8 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
         import ray
 
         budget_spent = ray.get(service.remaining.remote()) <= 0
+        print(f"[{plan.name}] study actor, time per phase: {ray.get(service.load.remote())}",
+              file=sys.stderr, flush=True)
     complete = finalize(plan, grid, lock, budget_spent)
     if complete and service is not None:
         ray.get(service.finish.remote())  # nothing left open in the study

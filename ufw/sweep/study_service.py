@@ -32,6 +32,7 @@ import contextlib
 import math
 import os
 import threading
+import time
 from typing import Any
 
 HOLDER = "ufw_holder"
@@ -92,6 +93,9 @@ class StudyService:
         self.study.pruner = make_pruner(pruning)
         self.num_samples = num_samples
         self._lock = threading.Lock()
+        # Where the actor's time goes, per phase: [calls, seconds] (`load`).
+        self.busy: dict[str, list[float]] = {}
+        self._busy_lock = threading.Lock()
         if resume:  # a cohort asked but never handed to a Ray trial: nobody will train it
             self._close_orphans(lambda t: t.user_attrs.get(HOLDER) == "searcher")
         self._flush()
@@ -112,18 +116,24 @@ class StudyService:
     def ask(self, n: int, holder: str) -> list[tuple[int, dict[str, Any]]]:
         """Up to n new configurations as (Optuna trial number, sampled values); fewer, or
         none, when the budget is spent."""
-        with self._lock:  # two askers must not both take the last configurations
+        with self._timed("ask, waiting for another ask"):
+            self._lock.acquire()
+        try:  # two askers must not both take the last configurations
             n = max(0, min(n, self.remaining()))
-            drawn = self._draw_in_replicas(n) if n >= 2 else None
+            with self._timed("ask, drawing in sampler replicas"):
+                drawn = self._draw_in_replicas(n) if n >= 2 else None
             asked = []
-            for values in drawn or [None] * n:
-                if values is not None:  # drawn by a replica: the trial only records it
-                    self.study.enqueue_trial(values)
-                trial = self.study.ask()
-                trial.set_user_attr(HOLDER, holder)
-                asked.append((trial.number, self.space.sample(trial)))
-            self._flush()
+            with self._timed("ask, sampling or recording"):
+                for values in drawn or [None] * n:
+                    if values is not None:  # drawn by a replica: the trial only records it
+                        self.study.enqueue_trial(values)
+                    trial = self.study.ask()
+                    trial.set_user_attr(HOLDER, holder)
+                    asked.append((trial.number, self.space.sample(trial)))
+                self._flush()
             return asked
+        finally:
+            self._lock.release()
 
     def _draw_in_replicas(self, n: int) -> list[dict[str, Any]] | None:
         """n configurations drawn by the replicas at once, each sent the finished trials it
@@ -169,36 +179,38 @@ class StudyService:
         the pruner stops now, told to the study as PRUNED."""
         import optuna
 
-        pruned = []
-        trials = self.study.get_trials(deepcopy=False)
-        for number, step, value in reports:
-            state = trials[number].state
-            if state == optuna.trial.TrialState.PRUNED:  # decided before a driver was killed:
-                pruned.append(number)                     # the decision stands
-                continue
-            if state.is_finished():
-                continue
-            trial = self._trial(number)
-            trial.report(value if math.isfinite(value) else math.nan, step)
-            if trial.should_prune():
-                self.study.tell(number, state=optuna.trial.TrialState.PRUNED,
-                                skip_if_finished=True)
-                pruned.append(number)
-        self._flush()
-        return pruned
+        with self._timed("report"):
+            pruned = []
+            trials = self.study.get_trials(deepcopy=False)
+            for number, step, value in reports:
+                state = trials[number].state
+                if state == optuna.trial.TrialState.PRUNED:  # decided before a driver was
+                    pruned.append(number)                     # killed: the decision stands
+                    continue
+                if state.is_finished():
+                    continue
+                trial = self._trial(number)
+                trial.report(value if math.isfinite(value) else math.nan, step)
+                if trial.should_prune():
+                    self.study.tell(number, state=optuna.trial.TrialState.PRUNED,
+                                    skip_if_finished=True)
+                    pruned.append(number)
+            self._flush()
+            return pruned
 
     def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
         """Final objective values per trial number (None: failed)."""
         import optuna
 
-        for number, values in results:
-            if values is None:
-                self.study.tell(number, state=optuna.trial.TrialState.FAIL,
-                                skip_if_finished=True)
-            else:
-                self.study.tell(number, values if len(values) > 1 else values[0],
-                                skip_if_finished=True)
-        self._flush()
+        with self._timed("tell"):
+            for number, values in results:
+                if values is None:
+                    self.study.tell(number, state=optuna.trial.TrialState.FAIL,
+                                    skip_if_finished=True)
+                else:
+                    self.study.tell(number, values if len(values) > 1 else values[0],
+                                    skip_if_finished=True)
+            self._flush()
 
     def end(self, holder: str) -> None:
         """A Ray trial is over (finished or failed for good): what it held and did not tell
@@ -217,7 +229,25 @@ class StudyService:
         self._close_orphans(lambda t: True)
         self._flush()
 
+    def load(self) -> str:
+        """One line on where the actor's time went: calls and seconds per phase (summed
+        over its threads, so they may add up to more than the sweep's wall time)."""
+        with self._busy_lock:
+            return "; ".join(f"{phase}: {calls:.0f} calls, {seconds:.1f} s"
+                             for phase, (calls, seconds) in self.busy.items())
+
     # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                entry = self.busy.setdefault(phase, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - start
+
     def _flush(self) -> None:
         """This call's operations to the journal file. A full disk stops the sweep naming the
         study (the trial whose call this was did nothing wrong), as ufw/sweep/out_of_space.py
