@@ -42,3 +42,10 @@ def save(name: str, record: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def training_share(trials, wall_seconds: float, slots: float) -> float:
+    """Share of a sweep's wall time x concurrent trial slots spent training. A Ray trial
+    trains its cohort as one population, so its training time is that of the member that
+    ran longest (train_seconds accumulates while a member is running)."""
+    return float(trials.groupby("trial_id")["train_seconds"].max().sum() / (wall_seconds * slots))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import SHARED, device_label, save
+from common import SHARED, device_label, save, training_share
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +50,6 @@ def main() -> None:
     wall = time.perf_counter() - start
     trials = pd.read_parquet(results / "bench" / "trials")
     completed = int((trials["status"] == "completed").sum())
-    # A Ray trial trains its cohort as one population: its training time is that of the
-    # member that ran longest (train_seconds accumulates while a member is running).
-    training = trials.groupby("trial_id")["train_seconds"].max().sum()
     slots = max(1.0, args.gpus / args.gpus_per_trial) if args.gpus_per_trial else 1.0
     # Where the rest goes: each Ray trial's set-up before its first epoch, its waits on the
     # driver for its reports, its time after training (the final report), and wall time when
@@ -83,7 +80,7 @@ def main() -> None:
     record = {"device": device_label("cuda" if args.gpus else "cpu"), "trials": len(trials),
               "completed": completed, "wall_seconds": wall,
               "trials_per_gpu_hour": completed / (wall / 3600) / max(args.gpus, 1e-9),
-              "training_share": float(training / (wall * slots)),
+              "training_share": training_share(trials, wall, slots),
               "overhead": breakdown, "cohort": args.cohort,
               "ray_trials": int(trials["trial_id"].nunique()),
               "mean_epochs_run": float(trials["epochs_run"].mean()),

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from common import SHARED, device_label, save
+from common import SHARED, device_label, save, training_share
 
 from ufw.analysis import completed
 
@@ -167,7 +167,7 @@ def configurations_per_gpu_hour(run: SweepRun) -> float:
 
 
 def compare(full: SweepRun, pruning: SweepRun, within: float = TARGET_WITHIN,
-            min_resource: int = 1, reduction_factor: int = 3) -> dict:
+            min_resource: int = 1, reduction_factor: int = 3, slots: float = 1.0) -> dict:
     """The record's numbers for sweep (a) ``full`` (no pruning) against (b) ``pruning``."""
     best = float(completed(full.trials)["best_ppl"].min())
     target = best * (1 + within)
@@ -190,6 +190,8 @@ def compare(full: SweepRun, pruning: SweepRun, within: float = TARGET_WITHIN,
                  for name, run in (("no_pruning", full), ("asha", pruning))},
         "gpu_seconds_total": {"no_pruning": full.wall_seconds * full.gpus,
                               "asha": pruning.wall_seconds * pruning.gpus},
+        "training_share": {name: training_share(run.trials, run.wall_seconds, slots)
+                           for name, run in (("no_pruning", full), ("asha", pruning))},
     }
 
 
@@ -301,7 +303,9 @@ def main() -> None:
               "sampler_seed": seed, "num_samples": args.num_samples, "cohort": args.cohort,
               "gpu_seconds_counted_as": "wall seconds since the sweep's launch x GPUs given "
                                         "(1 for a CPU run)",
-              **compare(runs["none"], runs["asha"], **rungs(args.pruner_args)),
+              **compare(runs["none"], runs["asha"], **rungs(args.pruner_args),
+                        slots=max(1.0, args.gpus / args.gpus_per_trial)
+                        if args.gpus_per_trial else 1.0),
               "sweep_commands": {k: " ".join(c[1:]) for k, c in commands.items()}}
     print(record)
     device = "cpu_quick" if args.quick else ("cuda" if args.gpus else "cpu")

@@ -42,19 +42,20 @@ NAN = float("nan")
 # (a) no pruning: launched at 1000 on 2 GPUs, ran 100 s; best PPL 7.0 (c4, 50 s after launch)
 FULL = rows([("c1", "completed", 10.0, 1010.0), ("c2", "completed", 8.0, 1020.0),
              ("c3", "completed", 9.0, 1030.0), ("c4", "completed", 7.0, 1050.0),
-             ("c5", "failed", NAN, 1005.0)])
+             ("c5", "failed", NAN, 1005.0)], train_seconds=[20.0, 20.0, 30.0, 40.0, 10.0])
 # (b) ASHA: launched at 5000 on 2 GPUs, ran 40 s; one Ray trial (finished_at 5040) whose
 # configurations ended one after another (ended_at; c2's is missing: finished_at stands in)
 PRUNING = rows([("c1", "pruned", 12.0, 5040.0), ("c4", "pruned", 9.5, 5040.0),
                 ("c6", "completed", 7.05, 5040.0), ("c2", "completed", 8.0, 5040.0),
                 ("c7", "failed", NAN, 5040.0)],
-               ended_at=[5005.0, 5006.0, 5010.0, NAN, 5003.0])
+               ended_at=[5005.0, 5006.0, 5010.0, NAN, 5003.0],
+               train_seconds=[5.0, 5.0, 10.0, 8.0, 2.0])
 
 
 def test_compare_on_hand_made_sweeps(ttt):
     full = ttt.SweepRun(FULL, launched_at=1000.0, wall_seconds=100.0, gpus=2)
     pruning = ttt.SweepRun(PRUNING, launched_at=5000.0, wall_seconds=40.0, gpus=2)
-    record = ttt.compare(full, pruning)
+    record = ttt.compare(full, pruning, slots=2)
     assert record["best_ppl_no_pruning"] == 7.0
     assert record["target_ppl"] == pytest.approx(7.07)
     # (a) reaches 7.0 at 1050: 50 s x 2 GPUs; (b) finishes c6 (7.05 <= 7.07) at 5010: 10 s x 2
@@ -70,6 +71,9 @@ def test_compare_on_hand_made_sweeps(ttt):
     assert record["configurations_per_gpu_hour"] == {
         "no_pruning": pytest.approx(4 / (200 / 3600)), "asha": pytest.approx(4 / (80 / 3600))}
     assert record["rows"]["asha"] == {"pruned": 2, "completed": 2, "failed": 1}
+    # training time (one row per Ray trial here) over wall time x 2 trial slots
+    assert record["training_share"] == {"no_pruning": pytest.approx(120 / 200),
+                                        "asha": pytest.approx(30 / 80)}
     json.dumps(record)  # the record is written as JSON
 
 
