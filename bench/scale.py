@@ -20,8 +20,9 @@ A model-epoch is one member trained for one epoch plus its evaluation; each vari
 warm-up epoch (compilation, graph capture) before --epochs timed ones. Peak memory is per
 member, on a GPU only. A population that does not fit is recorded as out of memory.
 `--moe` adds ufw K = 1 at (512, 8, 8, 256) with 8 experts, top-1 and top-2, dense
-(every expert on every token) against sparse (tokens to their experts only); `--moe-top-k`
-and `--moe-variants` pick some (one per process keeps torch.compile's caches apart).
+(every expert on every token) against sparse (tokens to their experts only); `--moe-top-k`,
+`--moe-variants`, `--moe-size`, `--moe-K` and `--moe-experts` pick others (one variant per
+process keeps torch.compile's caches apart).
 Writes bench/results/scale_<device>.json (scale_<device>_quick.json with --quick).
 """
 
@@ -43,7 +44,6 @@ from ufw.train import Population
 SIZES = {64: (64, 3, 4, 64), 256: (256, 6, 8, 128), 512: (512, 8, 8, 256),
          768: (768, 12, 12, 256)}
 QUICK_SIZE = (32, 3, 2, 32)  # --quick: seconds on a CPU
-MOE_SIZE = (512, 8, 8, 256)
 QUICK_MOE_SIZE = (64, 2, 4, 64)
 
 
@@ -147,23 +147,28 @@ def measure_size(size, corpus, args) -> list[dict]:
     return records
 
 
-MOE_VARIANTS = {"dense": {"moe_dispatch": "dense"}, "sparse": {"moe_dispatch": "sparse"},
-                # is the bf16 sparse path capturable, and does replay pay there too?
-                "sparse_graphs": {"moe_dispatch": "sparse", "cuda_graphs": True}}
+MOE_VARIANTS = {"dense": {"moe_dispatch": "dense"},
+                "sparse": {"moe_dispatch": "sparse"},  # with CUDA graphs where capturable
+                "sparse_eager": {"moe_dispatch": "sparse", "cuda_graphs": False},
+                "auto": {}}  # Population's own choice
 
 
 def measure_moe(size, corpus, args) -> list[dict]:
     records = []
     for top_k in args.moe_top_k:
-        config = config_for(size, max_epochs=args.epochs + 1, num_experts=8,
+        config = config_for(size, max_epochs=args.epochs + 1, num_experts=args.moe_experts,
                             experts_top_k=top_k)
+        configs = [config.with_overrides({"seed": k}) for k in range(args.moe_K)]
         for variant in args.moe_variants:
-            run_epoch = population_run([config], corpus, args.device, args.precision,
-                                       **MOE_VARIANTS[variant])
-            records.append(measure("ufw_moe", run_epoch, 1, args.epochs, args.device,
-                                   precision=args.precision, compile=True, size=list(size),
-                                   num_experts=8, experts_top_k=top_k, moe_variant=variant,
-                                   **MOE_VARIANTS[variant]))
+            population = Population(configs, corpus, args.device, compile=True,
+                                    precision=args.precision, **MOE_VARIANTS[variant])
+            records.append(measure("ufw_moe", population.run_epoch, args.moe_K, args.epochs,
+                                   args.device, precision=args.precision, compile=True,
+                                   size=list(size), num_experts=args.moe_experts,
+                                   experts_top_k=top_k, moe_variant=variant,
+                                   moe_dispatch=population.model.moe_dispatch,
+                                   cuda_graphs=population.cuda_graphs))
+            population = None
     return records
 
 
@@ -201,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--moe-top-k", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     parser.add_argument("--moe-variants", nargs="+", default=["dense", "sparse"],
                         choices=list(MOE_VARIANTS))
+    parser.add_argument("--moe-size", type=int, default=512, choices=list(SIZES),
+                        help="the MoE size by dim (default 512: (512, 8, 8, 256))")
+    parser.add_argument("--moe-K", type=int, default=1, help="MoE members (default 1)")
+    parser.add_argument("--moe-experts", type=int, default=8)
     parser.add_argument("--ufw-only", action="store_true",
                         help="skip the naive and careful loops (e.g. measured already)")
     parser.add_argument("--no-graphs-too", action="store_true",
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError("--epochs must be >= 1 and every --K >= 2")
         name, train_text, val_text = load_texts(args)
     sizes = [QUICK_SIZE] if args.quick else [SIZES[s] for s in args.sizes]
-    moe_size = QUICK_MOE_SIZE if args.quick else MOE_SIZE
+    moe_size = QUICK_MOE_SIZE if args.quick else SIZES[args.moe_size]
     if args.quick:
         args.K, args.epochs = [2], 1
         train_text, val_text = train_text[:6_000], val_text[:3_000]

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from ufw.config import preset
+from ufw.data import make_corpus, python_docs_text
 from ufw.model import EarlyExitLM, ModelShape
 from ufw.moe import dense_experts, sparse_experts
+from ufw.train import Population
 
 
 def _models(members: int, top_k: int, num_experts: int = 4):
@@ -58,11 +61,28 @@ def test_sparse_experts_with_an_expert_no_token_chooses():
 def test_dense_unless_sparse_is_asked_for():
     shape = ModelShape(13, dim=16, num_experts=8, experts_top_k=2)
     model = EarlyExitLM(shape, [0])
-    assert not model.uses_sparse_moe()  # dense: faster wherever measured (ufw/moe.py)
+    assert not model.uses_sparse_moe()  # the reference; Population picks (next test)
     assert EarlyExitLM(shape, [0], "sparse").uses_sparse_moe()
     assert not EarlyExitLM(ModelShape(13, dim=16), [0], "sparse").uses_sparse_moe()
     with pytest.raises(ValueError, match="moe_dispatch"):
         EarlyExitLM(shape, [0], "fast")
+
+
+def test_population_routes_sparse_only_where_a_cuda_graph_can_capture_it():
+    """Sparse dispatch by default only in bf16 on a GPU, with rows of whole 16-byte units:
+    there it is grouped kernels without a host sync. Here (a CPU) the default is dense."""
+    from ufw.moe import runs_grouped_kernel
+
+    assert runs_grouped_kernel(torch.bfloat16, 64, 256)
+    assert not runs_grouped_kernel(torch.float32, 64, 256)  # fp32: the loop over groups
+    assert not runs_grouped_kernel(torch.bfloat16, 12, 48)  # rows of 24 bytes
+    text = python_docs_text()
+    corpus = make_corpus("s", text[:3000], text[-1000:], batch_size=4, seq_len=16)
+    config = preset("standard_llm").with_overrides(
+        {"dim": 16, "num_heads": 2, "batch_size": 4, "seq_len": 16, "num_experts": 4})
+    for precision in ("fp32", "bf16"):
+        assert Population([config], corpus, precision=precision).model.moe_dispatch == "dense"
+    assert Population([config], corpus, moe_dispatch="sparse").model.uses_sparse_moe()
 
 
 def test_grouped_products_kernel_equals_the_fp32_loop():

@@ -34,6 +34,11 @@ class ModelShape:
     learned_confidence: bool = False  # a confidence head per exit (sigmoid of a linear map)
     exits: tuple[int, ...] = (1,)
 
+    @property
+    def ffn_dim(self) -> int:
+        """The GLU's hidden size (the framework's 4 x dim)."""
+        return 4 * self.dim
+
     @classmethod
     def of(cls, config, vocab_size: int) -> ModelShape:
         return cls(vocab_size, config.dim, config.num_layers, config.num_heads,
@@ -57,7 +62,7 @@ def init_member(shape: ModelShape, seed: int) -> dict[str, torch.Tensor]:
     exactly where a single run with the same seed starts.
     """
     gen = torch.Generator().manual_seed(seed)
-    d, f, e = shape.dim, 4 * shape.dim, shape.num_experts
+    d, f, e = shape.dim, shape.ffn_dim, shape.num_experts
     std = 1 / math.sqrt(d)
     params = {"embed": _trunc_normal((shape.vocab_size, d), 0.02, gen)}
     for i in range(1, shape.num_layers + 1):
@@ -112,7 +117,7 @@ class EarlyExitLM(nn.Module):
         super().__init__()
         self.shape = shape
         # MoE: "dense" (every expert on every token: the reference), "sparse" (each token to
-        # its top-k experts only; slower wherever measured, see ufw/moe.py).
+        # its top-k experts only; see ufw/moe.py for when it is faster).
         if moe_dispatch not in ("dense", "sparse"):
             raise ValueError(f"moe_dispatch: {moe_dispatch!r}; allowed: dense, sparse")
         self.moe_dispatch = moe_dispatch
@@ -166,7 +171,7 @@ class EarlyExitLM(nn.Module):
             return torch.bmm(a, self.p(f"{i}.w_down")).view(K, B, T, D), None
         gates, balance = self.expert_gates(x, i)
         weights = (self.p(f"{i}.w_gate"), self.p(f"{i}.w_up"), self.p(f"{i}.w_down"))
-        if self.uses_sparse_moe():  # (Population trains it without CUDA graphs)
+        if self.uses_sparse_moe():
             y = moe.sparse_experts(x, gates, self.shape.experts_top_k, *weights)
         else:
             y = moe.dense_experts(x, gates, *weights)

@@ -81,11 +81,18 @@ def grouped_products(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) ->
     read on the host): the fp32 reference.
     """
     w = w.to(rows.dtype)
-    aligned = rows.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0  # the kernel's 16-byte rows
-    if rows.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
+    if runs_grouped_kernel(rows.dtype, rows.shape[-1], w.shape[-1]):
         return torch._grouped_mm(rows, w, offs=ends.to(torch.int32))
     bounds = [0, *ends.tolist()]
     return torch.cat([rows[s:e] @ w[g] for g, (s, e) in enumerate(pairwise(bounds))])
+
+
+def runs_grouped_kernel(dtype: torch.dtype, dim: int, hidden: int) -> bool:
+    """Whether `grouped_products` is one grouped kernel per product for these sizes: bf16,
+    rows of whole 16-byte units. Then the sparse path has no host sync, and a CUDA graph can
+    capture the whole training step."""
+    return (dtype == torch.bfloat16 and dim % 8 == 0 and hidden % 8 == 0
+            and hasattr(torch, "_grouped_mm"))
 
 
 def _product_dtype(x: torch.Tensor) -> torch.dtype:

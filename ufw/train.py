@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import ufw
-from ufw import tensorfile
+from ufw import moe, tensorfile
 from ufw.config import ConfigError, UniversalConfig
 from ufw.data import Corpus
 from ufw.memory import check_fits
@@ -86,7 +86,7 @@ class Population:
 
     def __init__(self, configs: list[UniversalConfig], corpus: Corpus,
                  device: str | torch.device = "cpu", cuda_graphs: bool | None = None,
-                 compile: bool = False, precision: str = "fp32", moe_dispatch: str = "dense"):
+                 compile: bool = False, precision: str = "fp32", moe_dispatch: str = "auto"):
         if not configs:
             raise ConfigError("population: needs at least one configuration")
         shapes = {c.shape_key for c in configs}
@@ -98,6 +98,14 @@ class Population:
         check_fits(configs[0], corpus.vocab_size, len(configs), self.device)  # before allocating
         self.corpus = corpus.to(self.device)
         self.shape = ModelShape.of(configs[0], corpus.vocab_size)
+        # MoE: each token to its top-k experts only where that step runs as grouped kernels
+        # a CUDA graph can capture (bf16 on a GPU), which measured faster than the dense
+        # reference there (ufw/moe.py); elsewhere every expert on every token.
+        capturable = (self.device.type == "cuda" and precision == "bf16"
+                      and moe.runs_grouped_kernel(torch.bfloat16, self.shape.dim,
+                                                  self.shape.ffn_dim))
+        if moe_dispatch == "auto":
+            moe_dispatch = "sparse" if capturable else "dense"
         self.model = EarlyExitLM(self.shape, [c.seed for c in configs],
                                  moe_dispatch).to(self.device)
         self.model.cache_rotary(configs[0].seq_len)
@@ -108,9 +116,10 @@ class Population:
         # On a GPU a seed-scale epoch is thousands of tiny kernel launches: capture the whole
         # epoch once as a CUDA graph and replay it (one launch per epoch). The graph reads
         # its per-epoch inputs from these fixed buffers.
-        # The sparse MoE's shapes follow the routing, which a graph cannot: it runs eager.
+        # The sparse MoE's fp32 reference reads its groups' sizes on the host: it runs eager.
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and not self.model.uses_sparse_moe()
+            cuda_graphs = self.device.type == "cuda" and (not self.model.uses_sparse_moe()
+                                                          or capturable)
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         # Compiling fuses the loss's element-wise work (norms, rotary, GLU, cross-entropy).
@@ -158,7 +167,7 @@ class Population:
             raise ConfigError(f"population: cannot refill slot {k} with this configuration: it "
                               f"needs another shape, confidence method or distillation loss "
                               f"than the population was built with")
-        row = self.results()[k]
+        row = self.result(k)
         self.model.reset_member(k, config.seed)
         self.optimizer.zero_member_state(k)
         self._set_member_config(k, config)
@@ -271,20 +280,23 @@ class Population:
 
     def results(self) -> list[dict[str, Any]]:
         """One result row per member: its configuration, best-epoch metrics and provenance."""
-        rows = []
-        for k, (config, member) in enumerate(zip(self.configs, self.members)):
-            row = {**config.flat(), **EMPTY_METRICS, **member.best}
-            row.update(member=k, cohort_size=len(self.configs), epochs_run=member.epochs_run,
-                       train_seconds=member.train_seconds, status=member.status,
-                       error=member.error, ufw_version=ufw.__version__,
-                       torch_version=torch.__version__, device=device_name(self.device),
-                       dataset=self.corpus.name, tokenizer=self.corpus.tokenizer,
-                       vocab_size=self.corpus.vocab_size)
-            if member.best_epoch >= 1:
-                row.update(best_ppl=member.best_ppl, best_epoch=member.best_epoch,
-                           best_bpc=self.corpus.bits_per_char(member.best_ppl))
-            rows.append(row)
-        return rows
+        return [self.result(k) for k in range(len(self.configs))]
+
+    def result(self, k: int) -> dict[str, Any]:
+        """Member k's result row (a refill needs only the leaving member's: building all K
+        rows per refilled slot made an epoch boundary of a pruned sweep take seconds)."""
+        config, member = self.configs[k], self.members[k]
+        row = {**config.flat(), **EMPTY_METRICS, **member.best}
+        row.update(member=k, cohort_size=len(self.configs), epochs_run=member.epochs_run,
+                   train_seconds=member.train_seconds, status=member.status,
+                   error=member.error, ufw_version=ufw.__version__,
+                   torch_version=torch.__version__, device=device_name(self.device),
+                   dataset=self.corpus.name, tokenizer=self.corpus.tokenizer,
+                   vocab_size=self.corpus.vocab_size)
+        if member.best_epoch >= 1:
+            row.update(best_ppl=member.best_ppl, best_epoch=member.best_epoch,
+                       best_bpc=self.corpus.bits_per_char(member.best_ppl))
+        return row
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly where it stopped, refilled slots'

@@ -86,7 +86,7 @@ class Cohort:
         """Keep the row of the member leaving slot k of population g."""
         index = next((i for i, place in self.slots.items() if place == (g, k)), None)
         if index is not None:
-            self.rows[index] = self._slot_rows()[(g, k)]
+            self.rows[index] = self.populations[g].result(k)
             del self.slots[index]
         self._current = None
 

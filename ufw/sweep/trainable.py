@@ -110,7 +110,7 @@ def _train_members(config: dict[str, Any]) -> None:
     service = find_service(spec["sweep"]) if any(n is not None for n in numbers) else None
     pruning = service is not None and spec.get("refill", False)  # plan.spec() says
     epoch_rows: list[dict[str, Any]] = []
-    refill = Refill(service, trial_id)
+    refill = Refill(service, trial_id, extra)
     nothing_left = False  # the study has no configuration left for a refill
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -166,7 +166,7 @@ def _train_members(config: dict[str, Any]) -> None:
 
     extra["setup_seconds"] = time.time() - started  # corpus, model, checkpoint loading
     extra["report_seconds"] = 0.0
-    extra["study_seconds"] = 0.0  # waiting on the study actor: reports, tells, refills
+    extra["study_seconds"] = 0.0  # waiting on the study actor: reports, tells, asks
     while True:
         trained = []
         if not cohort.finished:
@@ -176,18 +176,17 @@ def _train_members(config: dict[str, Any]) -> None:
             epoch_rows.extend(rows)
             trained = sorted({cohort.members[r["member"]].point: r["epoch"] for r in rows}.items())
         if service is not None:
-            waited = time.monotonic()
             if pruning and trained:
                 reports = [(cohort.numbers[p], epoch, cohort.objective(p)) for p, epoch in trained]
-                stopped = set(ray.get(service.report.remote(reports)))
+                stopped = set(study_wait(service.report.remote(reports), extra))
                 cohort.prune([p for p, _ in trained if cohort.numbers[p] in stopped])
             told = {p: v for p, v in cohort.point_values().items() if p not in cohort.told}
             if told:  # the study learns each result as soon as it is known
-                ray.get(service.tell.remote([(cohort.numbers[p], v) for p, v in told.items()]))
+                study_wait(service.tell.remote([(cohort.numbers[p], v) for p, v in told.items()]),
+                           extra)
                 cohort.told.update(told)
             if pruning:  # freed slots train new configurations: the population keeps its size
                 nothing_left = refill.fill(cohort)
-            extra["study_seconds"] += time.monotonic() - waited
         if cohort.finished and (nothing_left or not pruning):
             break
         report(final=False)
@@ -203,8 +202,8 @@ class Refill:
     for the next epoch as slots freed in this one; only a shortfall is asked and waited for.
     The spare configurations are this trial's (they travel in its checkpoint)."""
 
-    def __init__(self, service, holder: str):
-        self.service, self.holder = service, holder
+    def __init__(self, service, holder: str, times: dict[str, Any]):
+        self.service, self.holder, self.times = service, holder, times
         self.spare: list[tuple[int, dict[str, Any]]] = []  # (Optuna number, sampled values)
         self.asking = None  # (object ref, how many) of the ask for the next epoch
         self.exhausted = False
@@ -230,11 +229,21 @@ class Refill:
         return self.exhausted and not self.spare and self.asking is None
 
     def _take(self, ref, wanted: int) -> None:
-        import ray
-
-        asked = [tuple(p) for p in ray.get(ref)]
+        asked = [tuple(p) for p in study_wait(ref, self.times)]
         self.spare.extend(asked)
         self.exhausted = self.exhausted or len(asked) < wanted
+
+
+def study_wait(ref, times: dict[str, Any]) -> Any:
+    """The result of a call to the study actor; the time waited on it is added to
+    times["study_seconds"]."""
+    import ray
+
+    start = time.monotonic()
+    try:
+        return ray.get(ref)
+    finally:
+        times["study_seconds"] += time.monotonic() - start
 
 
 def trial_dirname(trial) -> str:
