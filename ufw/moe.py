@@ -10,11 +10,13 @@ in bf16 each of the GLU's three products is one grouped matrix product over all 
 (`torch._grouped_mm`), with static shapes and no host sync; in fp32 it loops over the
 groups (the reference).
 
-Dense is the default because it was faster wherever measured. On an H200 at (512, 8, 8, 256),
-batch 32, 8 experts, bf16, compiled (`bench/scale.py --moe`, bench/results/scale_cuda_moe.json):
-dense 5.5 s per epoch for top-1 and 5.8-7.6 s for top-2; sparse with grouped products 9.1 and
-9.5 s (a per-expert loop before it: 21.0 and 26.5 s). That sparse run still had a graph break
-per layer (since removed), so it is an upper bound; re-measure before changing the default.
+Which one runs: `Population` routes sparsely where the step can be captured as a CUDA graph
+(bf16 on a GPU, `runs_grouped_kernel`), densely everywhere else. On an H200 at (512, 8, 8,
+256), batch 32, 8 experts, one member, bf16, compiled (`bench/scale.py --moe`,
+bench/results/scale_cuda_moe_top{1,2}_*.json), seconds per epoch: dense 5.16 (top-1) and
+5.23 (top-2); sparse with CUDA graphs 3.83 and 4.19; sparse without them 6.76 and 5.88. At
+the seed scale with 64 members and 4 experts (top-1) sparse took 6.18 s per epoch against
+8.29 dense; at (256, 6, 8, 128) with 8 experts (top-2) 2.50 against 2.59.
 """
 
 from __future__ import annotations

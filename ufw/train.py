@@ -94,6 +94,9 @@ class Population:
             raise ConfigError("population: members must share dim, num_layers, num_heads, "
                               "exits, experts, batch_size, seq_len, max_epochs and teacher")
         self.configs = [c.validate() for c in configs]
+        # Each member's configuration as result columns, built once per configuration (its
+        # config_id hashes the whole configuration: slow enough to matter at every epoch).
+        self._config_columns = [c.flat() for c in self.configs]
         self.device = torch.device(device)
         check_fits(configs[0], corpus.vocab_size, len(configs), self.device)  # before allocating
         self.corpus = corpus.to(self.device)
@@ -185,6 +188,7 @@ class Population:
         """Slot k's configuration in every place that holds one per member (parameters and
         optimizer state aside)."""
         self.configs[k] = config
+        self._config_columns[k] = config.flat()
         self.objective.set_member(k, config)
         self.optimizer.set_member(k, config)
 
@@ -285,8 +289,8 @@ class Population:
     def result(self, k: int) -> dict[str, Any]:
         """Member k's result row (a refill needs only the leaving member's: building all K
         rows per refilled slot made an epoch boundary of a pruned sweep take seconds)."""
-        config, member = self.configs[k], self.members[k]
-        row = {**config.flat(), **EMPTY_METRICS, **member.best}
+        member = self.members[k]
+        row = {**self._config_columns[k], **EMPTY_METRICS, **member.best}
         row.update(member=k, cohort_size=len(self.configs), epochs_run=member.epochs_run,
                    train_seconds=member.train_seconds, status=member.status,
                    error=member.error, ufw_version=ufw.__version__,

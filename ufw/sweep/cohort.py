@@ -65,8 +65,7 @@ class Cohort:
             free.remove(place)
             g, slots = place
             for m, k in zip(members, slots):
-                self._retire(g, k)
-                self.populations[g].replace(k, m.config)
+                self._retire(g, k, self.populations[g].replace(k, m.config))
                 self.slots[m.index] = (g, k)
         self._current = None
         for group in new_groups.values():
@@ -82,11 +81,11 @@ class Cohort:
         self.by_point.append(members)
         return members
 
-    def _retire(self, g: int, k: int) -> None:
-        """Keep the row of the member leaving slot k of population g."""
+    def _retire(self, g: int, k: int, row: dict[str, Any]) -> None:
+        """Keep `row`, the result of the member that left slot k of population g."""
         index = next((i for i, place in self.slots.items() if place == (g, k)), None)
         if index is not None:
-            self.rows[index] = self.populations[g].result(k)
+            self.rows[index] = row
             del self.slots[index]
         self._current = None
 
