@@ -111,9 +111,11 @@ class Population:
             moe_dispatch = "sparse" if capturable else "dense"
         self.model = EarlyExitLM(self.shape, [c.seed for c in configs],
                                  moe_dispatch).to(self.device)
-        self.model.cache_rotary(configs[0].seq_len)
         teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab,
                                corpus.tokenizer)
+        for model in (self.model, teacher):  # the teacher's forward is in the compiled loss too
+            if model is not None:
+                model.cache_rotary(configs[0].seq_len)
         self.objective = Objective(self.configs, self.device, teacher, precision)
         self.optimizer = PopulationAdamW(self.model, self.configs)
         # On a GPU a seed-scale epoch is thousands of tiny kernel launches: capture the whole
