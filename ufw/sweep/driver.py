@@ -310,8 +310,11 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
         import ray
 
         budget_spent = ray.get(service.remaining.remote()) <= 0
-        print(f"[{plan.name}] study actor, time per phase: {ray.get(service.load.remote())}",
-              file=sys.stderr, flush=True)
+        busy = ray.get(service.load.remote())
+        if sum(seconds for _, seconds in busy.values()) >= 1.0:  # else not worth a line
+            print(f"[{plan.name}] study actor, time per phase: " + "; ".join(
+                f"{phase}: {calls} calls, {seconds:.1f} s" for phase, (calls, seconds)
+                in busy.items()), file=sys.stderr, flush=True)
     complete = finalize(plan, grid, lock, budget_spent)
     if complete and service is not None:
         ray.get(service.finish.remote())  # nothing left open in the study

@@ -120,8 +120,10 @@ class StudyService:
             self._lock.acquire()
         try:  # two askers must not both take the last configurations
             n = max(0, min(n, self.remaining()))
-            with self._timed("ask, drawing in sampler replicas"):
-                drawn = self._draw_in_replicas(n) if n >= 2 else None
+            drawn = None
+            if n >= 2 and self.replicas:
+                with self._timed("ask, drawing in sampler replicas"):
+                    drawn = self._draw_in_replicas(n)
             asked = []
             with self._timed("ask, sampling or recording"):
                 for values in drawn or [None] * n:
@@ -137,9 +139,7 @@ class StudyService:
 
     def _draw_in_replicas(self, n: int) -> list[dict[str, Any]] | None:
         """n configurations drawn by the replicas at once, each sent the finished trials it
-        lacks first; None without replicas (or once one failed: the actor asks itself)."""
-        if not self.replicas:
-            return None
+        lacks first; None once one failed (the actor asks itself from then on)."""
         import ray
 
         from ufw.batched_tpe import FINISHED  # the trials TPE learns from
@@ -229,12 +229,11 @@ class StudyService:
         self._close_orphans(lambda t: True)
         self._flush()
 
-    def load(self) -> str:
-        """One line on where the actor's time went: calls and seconds per phase (summed
-        over its threads, so they may add up to more than the sweep's wall time)."""
+    def load(self) -> dict[str, tuple[int, float]]:
+        """Where the actor's time went: (calls, seconds) per phase, summed over its threads
+        (so they may add up to more than the sweep's wall time)."""
         with self._busy_lock:
-            return "; ".join(f"{phase}: {calls:.0f} calls, {seconds:.1f} s"
-                             for phase, (calls, seconds) in self.busy.items())
+            return {phase: (int(calls), seconds) for phase, (calls, seconds) in self.busy.items()}
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
