@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -473,6 +474,7 @@ _SPELLINGS = [(_pattern(spelling), knob.name) for knob in KNOBS
               for spelling in (knob.name, *knob.aliases)]
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function, called per key of every configuration
 def canonical_knob(name: str, also: tuple[str, ...] = ()) -> str:
     """The canonical name of a knob given in any spelling (`alpha_schedule.end` ->
     `alpha_end`, `layer_weights.2` -> `layer_weight_2`); `also` names other keys the caller
