@@ -59,7 +59,7 @@ def test_the_actor_says_where_its_time_went(tmp_path):
     numbers = [n for n, _ in study.ask(2, "t")] + [n for n, _ in study.ask(2, "t")]
     study.report([(n, 1, 1.0) for n in numbers])
     study.tell([(numbers[0], [1.0])])
-    calls = {phase: n for phase, (n, seconds) in study.load().items() if seconds >= 0}
+    calls = {phase: n for phase, (n, _seconds) in study.load().items()}
     # no sampler replicas here: nothing was drawn in them
     assert calls == {"ask, waiting for another ask": 2, "ask, sampling or recording": 2,
                      "report": 1, "tell": 1}

@@ -35,6 +35,10 @@ class ModelShape:
     exits: tuple[int, ...] = (1,)
 
     @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
     def ffn_dim(self) -> int:
         """The GLU's hidden size (the framework's 4 x dim)."""
         return 4 * self.dim
@@ -138,8 +142,8 @@ class EarlyExitLM(nn.Module):
         and k: inductor fuses arange, pow, cos and sin into the rotary kernel, which then took
         ~20% of a K = 256 bf16 epoch on an H200. The values are the same either way.
         """
-        head_dim = self.shape.dim // self.shape.num_heads
-        self.rope_cos, self.rope_sin = rotary_tables(seq_len, head_dim, self.p("embed").device)
+        self.rope_cos, self.rope_sin = rotary_tables(seq_len, self.shape.head_dim,
+                                                     self.p("embed").device)
 
     def p(self, name: str) -> torch.Tensor:
         return self.params[name.replace(".", "_")]
@@ -207,7 +211,7 @@ class EarlyExitLM(nn.Module):
         if len(self.rope_cos) >= T:
             rope = self.rope_cos[:T], self.rope_sin[:T]
         else:
-            rope = rotary_tables(T, self.shape.dim // self.shape.num_heads, x.device)
+            rope = rotary_tables(T, self.shape.head_dim, x.device)
         h = self.p("embed")[:, x]  # [K, B, T, D]
         hidden, balance = [], None
         for i in range(1, (upto or self.shape.num_layers) + 1):
