@@ -45,7 +45,8 @@ def save(name: str, record: dict) -> Path:
 
 
 def training_share(trials, wall_seconds: float, slots: float) -> float:
-    """Share of a sweep's wall time x concurrent trial slots spent training. A Ray trial
-    trains its cohort as one population, so its training time is that of the member that
-    ran longest (train_seconds accumulates while a member is running)."""
-    return float(trials.groupby("trial_id")["train_seconds"].max().sum() / (wall_seconds * slots))
+    """Share of a sweep's wall time x concurrent trial slots spent training: each Ray trial's
+    time in its populations' epochs (trial_train_seconds). Rows from before that column: the
+    longest-running member's train_seconds, right only for trials that did not refill."""
+    column = "trial_train_seconds" if "trial_train_seconds" in trials else "train_seconds"
+    return float(trials.groupby("trial_id")[column].max().sum() / (wall_seconds * slots))

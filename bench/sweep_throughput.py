@@ -57,7 +57,7 @@ def main() -> None:
     # writes).
     per_trial = trials.groupby("trial_id").agg(
         started=("started_at", "min"), finished=("finished_at", "max"),
-        setup=("setup_seconds", "max"), train=("train_seconds", "max"),
+        setup=("setup_seconds", "max"), train=("trial_train_seconds", "max"),
         report=("report_seconds", "max"))
     busy, end = 0.0, -float("inf")
     for started, finished in sorted(zip(per_trial["started"], per_trial["finished"])):

@@ -2,6 +2,8 @@
 
     python bench/throughput.py --device cuda --K 1 16 64 256 [--eager] [--epochs 3]
     python bench/throughput.py --device cpu --interleave --K --epochs 6 [--compile]
+    python bench/throughput.py --device cuda --K 256 --precision bf16 --compile \
+        --attention sdpa softmax --no-naive
 
 Modes: `naive` is the straightforward single-model eager loop (bench/naive.py), `single` is
 ufw with K = 1, `population` is ufw with K members of different seeds and learning rates.
@@ -42,15 +44,17 @@ def timed(run_epoch, epochs: int, device: str):
 
 
 def measure_population(K: int, corpus, device: str, epochs: int, graphs: bool,
-                       compile: bool = False, precision: str = "fp32") -> dict:
+                       compile: bool = False, precision: str = "fp32",
+                       attention: str = "auto") -> dict:
     # Different seeds and LRs, one shape; patience high so no member stops during timing.
     configs = [preset("asymmetric_best").with_overrides(
         {"seed": k, "lr": 1e-3 * (1 + k % 4) / 2, "patience": 100}) for k in range(K)]
     population = Population(configs, corpus, device, cuda_graphs=graphs, compile=compile,
-                            precision=precision)
+                            precision=precision, attention=attention)
     seconds, peak, rows = timed(population.run_epoch, epochs, device)
     return {"mode": "single" if K == 1 else "population", "K": K, "cuda_graphs": graphs,
             "compile": compile, "precision": precision,
+            "attention": population.model.attention,
             "last_val_ppl": [r["val_ppl"] for r in rows[:4]],
             "model_epochs_per_s": K * epochs / seconds, "seconds_per_epoch": seconds / epochs,
             "peak_mem_per_member_gib": peak / K if peak is not None else None}
@@ -106,6 +110,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     parser.add_argument("--interleave", action="store_true",
                         help="CPU: naive and ufw K=1 epoch by epoch in turn (then --K runs)")
+    parser.add_argument("--attention", nargs="+", default=["auto"],
+                        choices=["auto", "sdpa", "softmax"],
+                        help="the population's attention kernel(s) to measure, in turn")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     corpus = reference_corpus()
@@ -118,9 +125,10 @@ def main() -> None:
     for K in args.K:
         cuda = args.device.startswith("cuda")
         for graphs in ([False, True] if cuda and args.eager else [cuda]):
-            records.append(measure_population(K, corpus, args.device, args.epochs, graphs,
-                                              args.compile, args.precision))
-            print(records[-1], flush=True)
+            for attention in args.attention:
+                records.append(measure_population(K, corpus, args.device, args.epochs, graphs,
+                                                  args.compile, args.precision, attention))
+                print(records[-1], flush=True)
     device = device_label(args.device)
     for r in records:
         r["device"] = device

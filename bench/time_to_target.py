@@ -190,8 +190,8 @@ def compare(full: SweepRun, pruning: SweepRun, within: float = TARGET_WITHIN,
                  for name, run in (("no_pruning", full), ("asha", pruning))},
         "gpu_seconds_total": {"no_pruning": full.wall_seconds * full.gpus,
                               "asha": pruning.wall_seconds * pruning.gpus},
-        # (b)'s rows cannot give it: a refilled slot's row times its own member only
-        "training_share_no_pruning": training_share(full.trials, full.wall_seconds, slots),
+        "training_share": {name: training_share(run.trials, run.wall_seconds, slots)
+                           for name, run in (("no_pruning", full), ("asha", pruning))},
     }
 
 

@@ -116,8 +116,7 @@ def test_cohort_searcher_state_is_json_and_restores(ray_local, tmp_path):
     with open(tmp_path / "searcher.json") as f:
         assert list(json.load(f)["pending"]) == ["a"]  # JSON, not a pickle
     # The driver is killed and resumed: a new study actor over the same journal, and a
-    # searcher restored from its JSON; the cohort asked ahead but never handed out goes back
-    # to the budget.
+    # searcher restored from its JSON, which hands the pending trial the same points.
     actor = start_service({"sweep": "js"}, space.to_dict(), str(tmp_path / "study.journal"),
                           5, True)
     restored = sweep.CohortSearcher(space, "js", 2)

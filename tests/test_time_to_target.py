@@ -48,7 +48,8 @@ FULL = rows([("c1", "completed", 10.0, 1010.0), ("c2", "completed", 8.0, 1020.0)
 PRUNING = rows([("c1", "pruned", 12.0, 5040.0), ("c4", "pruned", 9.5, 5040.0),
                 ("c6", "completed", 7.05, 5040.0), ("c2", "completed", 8.0, 5040.0),
                 ("c7", "failed", NAN, 5040.0)],
-               ended_at=[5005.0, 5006.0, 5010.0, NAN, 5003.0])
+               ended_at=[5005.0, 5006.0, 5010.0, NAN, 5003.0],
+               trial_train_seconds=[6.0] * 5)
 
 
 def test_compare_on_hand_made_sweeps(ttt):
@@ -70,8 +71,11 @@ def test_compare_on_hand_made_sweeps(ttt):
     assert record["configurations_per_gpu_hour"] == {
         "no_pruning": pytest.approx(4 / (200 / 3600)), "asha": pytest.approx(4 / (80 / 3600))}
     assert record["rows"]["asha"] == {"pruned": 2, "completed": 2, "failed": 1}
-    # training time (one row per Ray trial here) over wall time x 2 trial slots
-    assert record["training_share_no_pruning"] == pytest.approx(120 / 200)
+    # training time (one row per Ray trial here) over wall time x 2 trial slots: (a)'s rows
+    # have only each member's train_seconds (rows from before trial_train_seconds), (b)'s
+    # the trial's time in its epochs
+    assert record["training_share"] == {"no_pruning": pytest.approx(120 / 200),
+                                        "asha": pytest.approx(30 / 80)}
     json.dumps(record)  # the record is written as JSON
 
 

@@ -12,6 +12,7 @@ from torch._inductor.utils import run_and_get_code
 
 from ufw.config import AlphaSchedule, preset
 from ufw.data import make_corpus, python_docs_text
+from ufw.model import attention_kernel
 from ufw.routing import assign_exits, confidence, routed_metrics
 from ufw.train import MemberRecord, Population, PopulationAdamW, UniversalTrainer, train
 
@@ -189,6 +190,29 @@ def test_a_compiled_step_reads_the_rotary_tables_instead_of_recomputing_them(cor
     loss, code = run_and_get_code(population._loss, *args)
     assert not any("cos" in kernel for kernel in code)
     torch.testing.assert_close(loss, population.objective.loss(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_written_out_softmax_attention_trains_like_sdpa(corpus):
+    """The attention a compiled GPU population runs at small head sizes is the function SDPA
+    computes: two epochs of an eager and a compiled population with it match SDPA's."""
+    configs = [tiny("lpt_routing", seed=s, max_epochs=2) for s in range(2)]
+    sdpa = Population(configs, corpus, attention="sdpa")
+    written = [Population(configs, corpus, attention="softmax", compile=c) for c in (False, True)]
+    for _ in range(2):
+        expected = sdpa.run_epoch()
+        for population in written:
+            for a, b in zip(expected, population.run_epoch()):
+                assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+                assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-5)
+
+
+def test_softmax_attention_only_where_it_measured_faster():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attention_kernel(16, cuda, compiled=True) == "softmax"
+    assert attention_kernel(8, cuda, compiled=True) == "softmax"
+    assert attention_kernel(32, cuda, compiled=True) == "sdpa"  # the fused kernels win there
+    assert attention_kernel(16, cuda, compiled=False) == "sdpa"  # eager it is 2.5x slower
+    assert attention_kernel(16, cpu, compiled=True) == "sdpa"  # not measured on a CPU
 
 
 def test_same_seed_same_result(corpus):

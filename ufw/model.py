@@ -114,12 +114,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention written out: the function `F.scaled_dot_product_attention` computes
+    (scores and softmax in fp32). Compiled, the mask and softmax fuse into one kernel."""
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)).float() * (1 / math.sqrt(q.shape[-1]))
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return weights.to(v.dtype) @ v
+
+
+# Up to this head size a compiled step runs `softmax_attention`, not SDPA's fused kernels:
+# at the seed shape (head size 16, 64 tokens) it measured 1.79 ms forward + backward against
+# 2.0-3.4 ms for SDPA's kernels on an H200; at head size 32 and 64 they win
+# (bench/attention.py, bench/results/attention_cuda.json).
+SOFTMAX_ATTENTION_MAX_HEAD_DIM = 16
+
+
+def attention_kernel(head_dim: int, device: torch.device, compiled: bool) -> str:
+    """Which attention a population runs: "softmax" (compiled, on a GPU, small heads) or
+    "sdpa". Eager, the written-out softmax is 2.5x slower than SDPA (bench/attention.py)."""
+    small = head_dim <= SOFTMAX_ATTENTION_MAX_HEAD_DIM
+    return "softmax" if compiled and device.type == "cuda" and small else "sdpa"
+
+
 class EarlyExitLM(nn.Module):
     """K members of the same shape; `forward` returns the hidden state after every block."""
 
-    def __init__(self, shape: ModelShape, seeds: list[int], moe_dispatch: str = "dense"):
+    def __init__(self, shape: ModelShape, seeds: list[int], moe_dispatch: str = "dense",
+                 attention: str = "sdpa"):
         super().__init__()
         self.shape = shape
+        if attention not in ("sdpa", "softmax"):  # the same function, two kernels
+            raise ValueError(f"attention: {attention!r}; allowed: sdpa, softmax")
+        self.attention = attention
         # MoE: "dense" (every expert on every token: the reference), "sparse" (each token to
         # its top-k experts only; see ufw/moe.py for when it is faster).
         if moe_dispatch not in ("dense", "sparse"):
@@ -159,7 +187,10 @@ class EarlyExitLM(nn.Module):
         qkv = torch.bmm(h.reshape(K, B * T, D), self.p(f"{i}.wqkv"))
         q, k, v = qkv.view(K * B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.attention == "softmax":
+            out = softmax_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out = out.transpose(1, 2).reshape(K, B * T, D)
         return torch.bmm(out, self.p(f"{i}.wo")).view(K, B, T, D)
 

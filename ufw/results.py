@@ -59,6 +59,7 @@ RESULT_TYPES: dict[str, pa.DataType] = {
     "started_at": pa.float64(), "finished_at": pa.float64(), "setup_seconds": pa.float64(),
     "ended_at": pa.float64(), "optuna_number": pa.int64(),
     "report_seconds": pa.float64(), "study_seconds": pa.float64(),
+    "trial_train_seconds": pa.float64(),
     "epoch": pa.int64(), "train_loss": pa.float64(), "val_ppl": pa.float64(),
     "alpha": pa.float64(), "epoch_seconds": pa.float64(),
 }

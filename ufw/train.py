@@ -30,7 +30,7 @@ from ufw import moe, tensorfile
 from ufw.config import ConfigError, UniversalConfig
 from ufw.data import Corpus
 from ufw.memory import check_fits
-from ufw.model import EarlyExitLM, ModelShape
+from ufw.model import EarlyExitLM, ModelShape, attention_kernel
 from ufw.objective import Objective, active_layers, distillation_kl
 from ufw.optimizer import PopulationAdamW, clip_groups
 from ufw.results import EMPTY_METRICS, json_row
@@ -86,7 +86,8 @@ class Population:
 
     def __init__(self, configs: list[UniversalConfig], corpus: Corpus,
                  device: str | torch.device = "cpu", cuda_graphs: bool | None = None,
-                 compile: bool = False, precision: str = "fp32", moe_dispatch: str = "auto"):
+                 compile: bool = False, precision: str = "fp32", moe_dispatch: str = "auto",
+                 attention: str = "auto"):
         if not configs:
             raise ConfigError("population: needs at least one configuration")
         shapes = {c.shape_key for c in configs}
@@ -109,8 +110,10 @@ class Population:
                                                   self.shape.ffn_dim))
         if moe_dispatch == "auto":
             moe_dispatch = "sparse" if capturable else "dense"
-        self.model = EarlyExitLM(self.shape, [c.seed for c in configs],
-                                 moe_dispatch).to(self.device)
+        if attention == "auto":
+            attention = attention_kernel(self.shape.head_dim, self.device, compile)
+        self.model = EarlyExitLM(self.shape, [c.seed for c in configs], moe_dispatch,
+                                 attention).to(self.device)
         teacher = load_teacher(configs[0].teacher, self.device, corpus.vocab_size, corpus.vocab,
                                corpus.tokenizer)
         for model in (self.model, teacher):  # the teacher's forward is in the compiled loss too
@@ -362,19 +365,24 @@ def device_name(device: torch.device) -> str:
 
 def members_that_fit(config: UniversalConfig, corpus: Corpus, device: str = "cuda",
                      memory_fraction: float = 1.0, precision: str = "fp32",
-                     probe_members: int = 8, limit: int = 1024) -> int:
+                     probe_members: int = 8, limit: int = 1024, compile: bool = False) -> int:
     """How many members like `config` fit in `memory_fraction` of the GPU's free memory.
 
     Measures the peak memory of one training step and one evaluation of a small population,
     then scales it: memory grows linearly with members (every tensor has a member axis).
     Keeps 30% headroom for CUDA graphs, the allocator's fragmentation and checkpoints.
+    The probe runs eagerly, with the attention a compiled population would run (eager keeps
+    at least as much for the backward as compiled).
     """
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
+    attention = attention_kernel(ModelShape.of(config, corpus.vocab_size).head_dim,
+                                 torch.device(device), compile)
     probe = Population([config.with_overrides({"seed": k}) for k in range(probe_members)],
-                       corpus, device, cuda_graphs=False, precision=precision)
+                       corpus, device, cuda_graphs=False, precision=precision,
+                       attention=attention)
     layers = tuple(active_layers(probe.objective.layer_weights(0)))
     probe.train_step(probe.corpus.train_x[0], probe.corpus.train_y[0], layers)
     probe.objective.evaluate(probe.model, zip(probe.corpus.val_x, probe.corpus.val_y))

@@ -29,7 +29,7 @@ NON_PARAM_COLUMNS = frozenset({
     # where and how a row was trained, not what was configured
     "cohort_size", "node", "node_id", "gpu", "resumed_from_epoch", "started_at",
     "finished_at", "setup_seconds", "report_seconds", "precision", "ended_at",
-    "study_seconds", "optuna_number",
+    "study_seconds", "trial_train_seconds", "optuna_number",
 })
 METRIC_COLUMNS = ("best_ppl", "best_bpc", "best_epoch", "acc", "shallow_ratio",
                   "compute_cost", "epochs_run", "train_seconds")

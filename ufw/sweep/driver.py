@@ -90,8 +90,7 @@ def make_tuner(plan: Plan):
                                        sampler=space.make_sampler(), storage=storage,
                                        study_name=plan.name)
     else:  # explicit points are handed out by the cohort searcher (see SearchSpace.points)
-        search = searchers.CohortSearcher(space, plan.name, plan.cohort,
-                                          ask_ahead=plan.pruning["pruner"] == "none")
+        search = searchers.CohortSearcher(space, plan.name, plan.cohort)
     # max_concurrent_trials also sets how many trials Ray keeps pending (not just 1).
     concurrency = _concurrency(plan)
     sweep_callback = callback.SweepCallback(spec, plan.root, plan.num_trials)
@@ -293,7 +292,7 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=_trainable(plan),
                                    resume_errored=True)
     else:
-        at_most = "at most " if plan.spec()["refill"] else ""  # refills spend the budget too
+        at_most = "at most " if plan.refill else ""  # refills spend the budget too
         print(f"[{plan.name}] {plan.num_samples} configurations x {plan.seeds} seed(s), "
               f"cohort {plan.cohort} -> {at_most}{plan.num_trials} trials; results in "
               f"{plan.sweep_uri}",

@@ -25,7 +25,8 @@ from ufw.tokenizer import CHAR
 # Unix times of a trial's start and end, its set-up before the first epoch, and the time it
 # waited on Ray for its progress reports and checkpoints (NaN: unknown).
 TRIAL_TIMES = {"started_at": math.nan, "finished_at": math.nan, "setup_seconds": math.nan,
-               "report_seconds": math.nan, "study_seconds": math.nan}
+               "report_seconds": math.nan, "study_seconds": math.nan,
+               "trial_train_seconds": math.nan}
 SPEC = "ufw"  # the trial config's key for everything that is not a sampled value
 MEMBERS = "members"  # cohort trials: the list of sampled points
 NUMBERS = "numbers"  # cohort trials: each point's Optuna trial number

@@ -29,29 +29,25 @@ class _CohortSearcher:
     (ufw/sweep/study_service.py), which the trials reach too (per-epoch pruning, refills).
     Asking is slow once a study is large (TPE refits its estimators for every parameter of
     every configuration: seconds per cohort after a thousand trials), and the driver thread
-    that would wait for it also serves every running trial's reports. So (without a pruner)
-    the next cohort is asked in the actor's process as soon as one is handed out, and
-    `suggest` returns None (Tune asks again shortly) while it is still being asked: a slot
-    that frees up gets its trial at once. The price: a cohort is sampled without the results
-    of the trials running when it was asked, as if one more trial ran at once.
+    that would wait for it also serves every running trial's reports: `suggest` returns None
+    (Tune asks again shortly) while the cohort is still being asked. Running trials refill
+    their freed slots from the same budget (ufw/sweep/trainable.py), so a cohort is asked only
+    when Tune starts a trial, never ahead: one asked ahead would wait unused while they refill.
 
     Its state is JSON (`save`/`restore`): which Ray trial holds which Optuna trials. The
     study itself is in its journal file; nothing here is pickled by ufw.
     `CohortSearcher` is this on top of ray.tune.search.Searcher (see `__getattr__` below).
     """
 
-    def __init__(self, space: SearchSpace, sweep: str, cohort: int, ask_ahead: bool = True):
+    def __init__(self, space: SearchSpace, sweep: str, cohort: int):
         metrics = [o.metric for o in space.objectives]
         modes = [o.mode for o in space.objectives]
         super().__init__(metric=metrics if len(metrics) > 1 else metrics[0],
                          mode=modes if len(modes) > 1 else modes[0])
         self.sweep = sweep
         self.cohort = cohort
-        # With a pruner, running trials refill their slots from the same budget: a cohort
-        # asked ahead would wait, unused, until they end, then train alone.
-        self.ask_ahead = ask_ahead
         self.pending: dict[str, list[list]] = {}  # Ray trial id -> [[number, values], ...]
-        self._asking = None  # the next cohort being asked: a Ray object ref
+        self._asking = None  # the cohort being asked: a Ray object ref
         self._finished = False
 
     def _service(self):
@@ -78,8 +74,6 @@ class _CohortSearcher:
             return "FINISHED"
         ray.get(self._service().hold.remote(trial_id, [n for n, _ in points]))
         self.pending[trial_id] = points
-        if self.ask_ahead:
-            self._asking = self._service().ask.remote(self.cohort, "searcher")  # the next one
         return cohort_config(points)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,

@@ -3,7 +3,8 @@
 Members that can share one model (the same shapes) train together as one population
 (ufw.train.Population), kept by a Cohort (ufw/sweep/cohort.py). After each epoch a cohort
 trial tells the sweep's study actor its results, and with a pruner reports each configuration's
-objective, stops those the pruner stops and refills the freed slots. The trial reports to Ray
+objective and stops those the pruner stops; the slots of configurations that are done
+(early-stopped, pruned) train new ones asked from the same actor. The trial reports to Ray
 every epoch (or every --checkpoint-seconds) with a checkpoint, so that a retried or resumed
 trial continues from its last epoch, and its final report carries every member's rows.
 """
@@ -108,7 +109,8 @@ def _train_members(config: dict[str, Any]) -> None:
     # Cohort trials reach the sweep's study actor (per-epoch pruning, tells, refills);
     # with one configuration per trial the study is Ray Tune's OptunaSearch's.
     service = find_service(spec["sweep"]) if any(n is not None for n in numbers) else None
-    pruning = service is not None and spec.get("refill", False)  # plan.spec() says
+    refilling = service is not None and spec.get("refill", False)  # plan.spec() says
+    pruning = refilling and spec["pruning"]["pruner"] != "none"
     epoch_rows: list[dict[str, Any]] = []
     refill = Refill(service, trial_id, extra)
     nothing_left = False  # the study has no configuration left for a refill
@@ -167,10 +169,13 @@ def _train_members(config: dict[str, Any]) -> None:
     extra["setup_seconds"] = time.time() - started  # corpus, model, checkpoint loading
     extra["report_seconds"] = 0.0
     extra["study_seconds"] = 0.0  # waiting on the study actor: reports, tells, asks
+    extra["trial_train_seconds"] = 0.0  # in its populations' epochs, all members together
     while True:
         trained = []
         if not cohort.finished:
+            start = time.monotonic()
             rows = cohort.run_epoch()
+            extra["trial_train_seconds"] += time.monotonic() - start
             for row in rows:
                 row.update(sweep=spec["sweep"], trial_id=trial_id)
             epoch_rows.extend(rows)
@@ -185,9 +190,9 @@ def _train_members(config: dict[str, Any]) -> None:
                 study_wait(service.tell.remote([(cohort.numbers[p], v) for p, v in told.items()]),
                            extra)
                 cohort.told.update(told)
-            if pruning:  # freed slots train new configurations: the population keeps its size
+            if refilling:  # freed slots train new configurations: the population keeps its size
                 nothing_left = refill.fill(cohort)
-        if cohort.finished and (nothing_left or not pruning):
+        if cohort.finished and (nothing_left or not refilling):
             break
         report(final=False)
     report(final=True)
