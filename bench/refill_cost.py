@@ -65,7 +65,7 @@ def main() -> None:
         trained = sorted({cohort.members[r["member"]].point for r in rows})
         [cohort.objective(p) for p in trained]
         cohort.prune([p for p in trained if rng.random() < 2 / 3])
-        cohort.told.update(p for p in cohort.point_values() if p not in cohort.told)
+        cohort.told.update(cohort.untold_values())
         free = cohort.free_slots()
         seconds += time.perf_counter() - start
         points, numbers = draw(len(free))

@@ -152,8 +152,13 @@ def test_asha_sweep_prunes_and_refills_population_slots(ray_local, tiny_space, t
     space = tiny_space(PRUNED_SPACE, max_epochs=6, patience=6)
     assert sweep.main([str(space), "--num-samples", "12", "--cohort", "3", "--pruner", "asha",
                        "--results", str(results), "--name", "p"]) == 0
-    # A refilling trial writes its rows at its end; meanwhile the driver counts what ended.
-    assert "[p] configurations ended: " in capsys.readouterr().out
+    # A refilling trial writes its rows at its end; meanwhile the driver counts what ended,
+    # and its ETA counts configurations, not the trials planned (refills spend the budget).
+    out = capsys.readouterr().out
+    assert "[p] configurations ended: " in out
+    last = [line for line in out.splitlines() if line.startswith("[p] trials ")][-1]
+    assert "of at most 4 |" in last and "configurations ended: 12/12 |" in last, last
+    assert last.endswith("ETA 0s"), last
     frame = pd.read_parquet(results / "p" / "trials")
     assert len(frame) == 12 and frame["config_id"].is_unique
     assert frame["optuna_number"].notna().all() and frame["optuna_number"].is_unique

@@ -70,7 +70,7 @@ def assert_same_curve(got: list[tuple], expected: list[tuple]) -> None:
 def test_refilled_slot_trains_as_a_fresh_population_and_neighbours_are_undisturbed(corpus):
     population = Population([A, B], corpus)
     before = run(population, 2)
-    row = population.replace(0, C)
+    [row] = population.replace([0], [C])
     assert (row["seed"], row["epochs_run"], row["status"]) == (A.seed, 2, "running")
     assert population.epochs == [0, 2] and population.epoch == 2
     after = run(population, 3)
@@ -88,11 +88,27 @@ def test_refilled_slot_trains_as_a_fresh_population_and_neighbours_are_undisturb
     assert results[0]["best_ppl"] == pytest.approx(fresh.results()[0]["best_ppl"], rel=1e-5)
 
 
+def test_slots_refilled_together_each_train_as_a_fresh_population(corpus):
+    """A sweep refills all of an epoch's freed slots of a population in one call (one write
+    per tensor): each new member still trains as alone, and the member between them as if
+    nothing happened."""
+    D = tiny("asymmetric_best", seed=4, lr=1.5e-3)
+    population = Population([A, B, D], corpus)
+    before = run(population, 1)
+    population.replace([2, 0], [A, C])  # out of order: each slot gets its own configuration
+    assert [c.seed for c in population.configs] == [C.seed, B.seed, A.seed]
+    assert population.epochs == [0, 1, 0]
+    after = run(population, 2)
+    for slot, config in ((0, C), (2, A)):
+        assert_same_curve(curve(after, slot), curve(run(Population([config], corpus), 2), 0))
+    assert_same_curve(curve(before + after, 1), curve(run(Population([B], corpus), 3), 0))
+
+
 def test_replace_returns_the_slots_row_before_refilling(corpus):
     population = Population([A, B], corpus)
     run(population, 1)
     expected = population.results()[1]
-    assert population.replace(1, C) == expected
+    assert population.replace([1], [C]) == [expected]
     assert population.configs[1] is population.objective.configs[1]
     assert population.configs[1].seed == C.seed and population.members[1].epochs_run == 0
     assert population.optimizer.steps.tolist() == [len(corpus.train_x), 0]
@@ -122,7 +138,7 @@ def test_pruned_member_is_frozen_and_reports_the_epoch_it_reached(corpus):
 def test_state_round_trip_after_a_refill_continues_identically(corpus, tmp_path):
     population = Population([A, B], corpus)
     run(population, 1)
-    population.replace(0, C)
+    population.replace([0], [C])
     run(population, 1)
     path = tmp_path / "population.safetensors"
     tensorfile.save(path, population.state_dict(), tensorfile.CHECKPOINT)
@@ -156,5 +172,5 @@ def test_can_host_refuses_what_would_change_the_traced_structure(corpus):
     assert not population.can_host(C.with_overrides({"confidence_method": "entropy"}))
     assert not population.can_host(C.with_overrides({"distillation_alpha": 0.5}))
     with pytest.raises(ConfigError, match="cannot refill slot 1"):
-        population.replace(1, C.with_overrides({"num_layers": 4}))
+        population.replace([1], [C.with_overrides({"num_layers": 4})])
     assert population.configs[1] == B  # refused before anything changed

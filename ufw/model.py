@@ -266,13 +266,14 @@ class EarlyExitLM(nn.Module):
         return (torch.bmm(h.reshape(K, B * T, D), w) + b[:, None]).squeeze(-1)
 
     @torch.no_grad()
-    def reset_member(self, k: int, seed: int) -> None:
-        """Member k's parameters drawn afresh from `seed`, as a new model of that seed starts.
-
-        Written in place (a captured CUDA graph holds the parameters' addresses)."""
-        fresh = init_member(self.shape, seed)
+    def reset_members(self, slots: list[int], seeds: list[int]) -> None:
+        """Members `slots`' parameters drawn afresh from `seeds`, as new models of those seeds
+        start. Written in place (a captured CUDA graph holds the parameters' addresses), one
+        copy per parameter for all the slots."""
+        fresh = [init_member(self.shape, seed) for seed in seeds]
+        index = torch.tensor(slots, device=self.p("embed").device)
         for name, p in self.named_member_params():
-            p[k].copy_(fresh[name])
+            p.index_copy_(0, index, torch.stack([f[name] for f in fresh]).to(p.device, p.dtype))
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's parameters alone (to save one model out of a population)."""

@@ -23,7 +23,7 @@ class Objective:
         self.num_layers = configs[0].num_layers
         self.exits = configs[0].exits
         # The structure the loss is traced with: fixed for the objective's lifetime (a slot
-        # refilled by `set_member` must fit it; see Population.can_host).
+        # refilled by `set_members` must fit it; see Population.can_host).
         self.distill = any(c.distillation_alpha < 1 for c in configs)
         self.methods = sorted({c.confidence_method for c in configs})
         # Per-member values, each a tensor with a leading member axis.
@@ -56,14 +56,18 @@ class Objective:
             self.distill or config.distillation_alpha == 1)
 
     @torch.no_grad()
-    def set_member(self, k: int, config: UniversalConfig) -> None:
-        """Member k becomes `config` (one that `hosts` accepts). In place: a captured CUDA
-        graph reads these tensors."""
-        self.configs[k] = config
+    def set_members(self, slots: list[int], configs: list[UniversalConfig]) -> None:
+        """Members `slots` become `configs` (ones that `hosts` accepts). In place: a captured
+        CUDA graph reads these tensors. One write per tensor for all the slots."""
+        for k, config in zip(slots, configs, strict=True):
+            self.configs[k] = config
         tensors = (self.thresholds, self.distill_alpha, self.temperature, self.conf_weight,
                    self.moe_weight, self.method_index)
-        for tensor, value in zip(tensors, self._member_values(config)):
-            tensor[k].copy_(torch.as_tensor(value, dtype=tensor.dtype))
+        index = torch.tensor(slots, device=self.thresholds.device)
+        columns = zip(*(self._member_values(c) for c in configs))
+        for tensor, column in zip(tensors, columns):
+            tensor.index_copy_(0, index, torch.tensor(column, dtype=tensor.dtype,
+                                                      device=tensor.device))
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device_type, torch.bfloat16, enabled=self.bf16)

@@ -35,13 +35,13 @@ class PopulationAdamW:
         self.params = [p for _, p in model.named_member_params()]
         self.clip_groups = clip_groups(model)
         self._layers = [layer_of(n) for n, _ in model.named_member_params()]
-        # One tensor per parameter, indexed by member: [K] learning rates (float64, as
-        # torch's host arithmetic) and [K] decay factors 1 - lr * weight_decay.
-        per_member = [self._hyperparameters(c) for c in configs]
-        self.lrs = [torch.tensor([lrs[i] for lrs, _ in per_member], dtype=torch.float64,
-                                 device=device) for i in range(len(self.params))]
-        self.decays = [torch.tensor([decays[i] for _, decays in per_member], device=device)
-                       for i in range(len(self.params))]
+        # Per parameter, indexed by member: [K] learning rates (float64, as torch's host
+        # arithmetic) and [K] decay factors 1 - lr * weight_decay; rows of one [P, K] table
+        # each, so that refilling members writes each table once.
+        lrs, decays = zip(*(self._hyperparameters(c) for c in configs))
+        self._lr_table = torch.tensor(lrs, dtype=torch.float64, device=device).T.contiguous()
+        self._decay_table = torch.tensor(decays, device=device).T.contiguous()
+        self.lrs, self.decays = list(self._lr_table), list(self._decay_table)
         self.grad_clip = torch.tensor([c.grad_clip for c in configs], device=device)
         self.betas, self.eps = betas, eps
         self.m = [torch.zeros_like(p) for p in self.params]
@@ -57,22 +57,26 @@ class PopulationAdamW:
         return lrs, [1 - lr * config.weight_decay for lr in lrs]
 
     @torch.no_grad()
-    def set_member(self, k: int, config: UniversalConfig) -> None:
-        """Member k's learning rates, decays and gradient clip from `config`.
+    def set_members(self, slots: list[int], configs: list[UniversalConfig]) -> None:
+        """Members `slots`' learning rates, decays and gradient clips from `configs`.
 
-        Indexed writes, in place: a captured CUDA graph reads these tensors."""
-        lrs, decays = self._hyperparameters(config)
-        for lr, decay, new_lr, new_decay in zip(self.lrs, self.decays, lrs, decays):
-            lr[k], decay[k] = new_lr, new_decay
-        self.grad_clip[k] = config.grad_clip
+        Indexed writes, in place (a captured CUDA graph reads these tensors): one per table
+        for all the slots. On a GPU shared with another trial each small write can wait for
+        the other process's turn on the GPU."""
+        index = torch.tensor(slots, device=self.steps.device)
+        lrs, decays = zip(*(self._hyperparameters(c) for c in configs))
+        for table, values in ((self._lr_table, lrs), (self._decay_table, decays)):
+            table.index_copy_(1, index, torch.tensor(values, dtype=table.dtype,
+                                                     device=table.device).T)
+        self.grad_clip.index_copy_(0, index, torch.tensor(
+            [c.grad_clip for c in configs], dtype=self.grad_clip.dtype, device=index.device))
 
     @torch.no_grad()
-    def zero_member_state(self, k: int) -> None:
-        """Member k's moments and step count back to 0, as a new optimizer's (in place)."""
-        for m, v in zip(self.m, self.v):
-            m[k].zero_()
-            v[k].zero_()
-        self.steps[k] = 0
+    def zero_member_state(self, slots: list[int]) -> None:
+        """Members `slots`' moments and step counts back to 0, as a new optimizer's (in place)."""
+        index = torch.tensor(slots, device=self.steps.device)
+        for state in (*self.m, *self.v, self.steps):
+            state.index_fill_(0, index, 0)
 
     def clip_(self) -> None:
         """Clip each member's gradient to its own global norm (0 disables clipping).

@@ -161,27 +161,30 @@ class Population:
         and needs nothing the traced loss and evaluation leave out (see Objective.hosts)."""
         return config.shape_key == self.configs[0].shape_key and self.objective.hosts(config)
 
-    def replace(self, k: int, config: UniversalConfig) -> dict[str, Any]:
-        """Slot k's result row, then slot k refilled with `config`.
+    def replace(self, slots: list[int], configs: list[UniversalConfig]) -> list[dict[str, Any]]:
+        """The result rows of `slots`, then those slots refilled with `configs`.
 
-        The new member trains from here exactly as it would in a fresh population: its
-        parameters drawn from `config.seed`, its optimizer state and step count zeroed, its
-        own epoch count from 0. The other members go on undisturbed. Every per-member tensor
-        is written in place, so a captured CUDA graph and a compiled loss stay valid.
-        ConfigError if this population cannot host `config` (`can_host`).
+        Each new member trains from here exactly as it would in a fresh population: its
+        parameters drawn from its seed, its optimizer state and step count zeroed, its own
+        epoch count from 0. The other members go on undisturbed. Every per-member tensor is
+        written in place, so a captured CUDA graph and a compiled loss stay valid; each once
+        for all the slots. ConfigError if this population cannot host a configuration
+        (`can_host`).
         """
-        config = config.validate()
-        if not self.can_host(config):
-            raise ConfigError(f"population: cannot refill slot {k} with this configuration: it "
-                              f"needs another shape, confidence method or distillation loss "
-                              f"than the population was built with")
-        row = self.result(k)
-        self.model.reset_member(k, config.seed)
-        self.optimizer.zero_member_state(k)
-        self._set_member_config(k, config)
-        self.members[k] = MemberRecord()
-        self.epochs[k] = 0
-        return row
+        configs = [c.validate() for c in configs]
+        for k, config in zip(slots, configs, strict=True):
+            if not self.can_host(config):
+                raise ConfigError(f"population: cannot refill slot {k} with this configuration: "
+                                  f"it needs another shape, confidence method or distillation "
+                                  f"loss than the population was built with")
+        rows = [self.result(k) for k in slots]
+        self.model.reset_members(slots, [c.seed for c in configs])
+        self.optimizer.zero_member_state(slots)
+        self._set_member_configs(slots, configs)
+        for k in slots:
+            self.members[k] = MemberRecord()
+            self.epochs[k] = 0
+        return rows
 
     def prune(self, k: int) -> None:
         """Member k stops training now: frozen like a completed member, with its best metrics
@@ -189,13 +192,14 @@ class Population:
         if self.members[k].status == "running":
             self.members[k].status = "pruned"
 
-    def _set_member_config(self, k: int, config: UniversalConfig) -> None:
-        """Slot k's configuration in every place that holds one per member (parameters and
-        optimizer state aside)."""
-        self.configs[k] = config
-        self._config_columns[k] = config.flat()
-        self.objective.set_member(k, config)
-        self.optimizer.set_member(k, config)
+    def _set_member_configs(self, slots: list[int], configs: list[UniversalConfig]) -> None:
+        """The slots' configurations in every place that holds one per member (parameters
+        and optimizer state aside)."""
+        for k, config in zip(slots, configs, strict=True):
+            self.configs[k] = config
+            self._config_columns[k] = config.flat()
+        self.objective.set_members(slots, configs)
+        self.optimizer.set_members(slots, configs)
 
     def train_epoch(self) -> torch.Tensor:
         """One pass over the training batches; returns the mean loss per member [K]."""
@@ -256,11 +260,12 @@ class Population:
         """Train and evaluate one epoch; returns one row per member still running."""
         start = time.perf_counter()
         self.model.train()
-        train_loss = self.train_epoch().tolist()
+        train_loss = self.train_epoch()
         self.model.eval()
         stats = self.objective.evaluate(self.model, zip(self.corpus.val_x, self.corpus.val_y))
         # Python numbers from here: indexing K tensors member by member costs more than this.
-        stats = {k: v.cpu().tolist() for k, v in stats.items()}
+        stats = to_host({"train_loss": train_loss, **stats})
+        train_loss = stats["train_loss"]
         seconds = time.perf_counter() - start
         rows = []
         for k, (config, member) in enumerate(zip(self.configs, self.members)):
@@ -326,8 +331,8 @@ class Population:
                         or not all(self.can_host(c) for c in configs)):
             raise ConfigError("population: the saved state is of another population (size, "
                               "shape, confidence methods or distillation)")
-        for k, config in enumerate(configs):
-            self._set_member_config(k, config)
+        if configs:
+            self._set_member_configs(list(range(len(configs))), configs)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.members = [MemberRecord(**m) for m in state["members"]]
@@ -342,6 +347,18 @@ class Population:
                                "vocab_size": self.corpus.vocab_size, "vocab": self.corpus.vocab,
                                "tokenizer": self.corpus.tokenizer,
                                "state": self.model.member_state(k)}, tensorfile.MODEL)
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Tensors with a leading member axis, as Python lists, in one copy to the host: each copy
+    waits for the device, and on a GPU shared with another trial for its turn there too."""
+    flat = torch.cat([t.reshape(len(t), -1).double() for t in tensors.values()], 1).cpu()
+    lists, column = {}, 0
+    for name, t in tensors.items():  # float64 holds every float32 and int value exactly
+        width = t[0].numel()
+        lists[name] = flat[:, column:column + width].reshape(t.shape).to(t.dtype).tolist()
+        column += width
+    return lists
 
 
 def _best_metrics(stats: dict[str, list], k: int) -> dict[str, Any]:

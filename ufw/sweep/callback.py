@@ -173,8 +173,15 @@ class _SweepCallback:
             self._best = trial_best if self._best is None else better(self._best, trial_best)
         done = min(len(self._finished), self.total)
         elapsed = time.time() - self._start
-        remaining = max(0, self.total - done)
-        eta = elapsed / self._finished_now * remaining if self._finished_now else math.nan
+        if self.spec.get("refill"):  # trials refill until the budget is spent: count those
+            ended, budget = sum(self._ended.values()), self.spec["num_samples"]
+            trials = f"trials {done} of at most {self.total}"
+            progress = f" | configurations ended: {ended}/{budget}"
+            eta = elapsed / ended * max(0, budget - ended) if ended else math.nan
+        else:
+            trials, progress = f"trials {done}/{self.total}", ""
+            remaining = max(0, self.total - done)
+            eta = elapsed / self._finished_now * remaining if self._finished_now else math.nan
         failed = [r for r in rows if r.get("status") == "failed"]
         if error:
             what = f"failed: {error}"
@@ -186,9 +193,8 @@ class _SweepCallback:
             what = f"failed: {failed[0].get('error') if failed else 'no finite result'}"
         best = f"{self._best:.4g}" if self._best is not None else "-"
         eta_text = _fmt_seconds(eta) if math.isfinite(eta) else "?"
-        print(f"[{self.spec['sweep']}] trials {done}/{self.total} | {trial_id} {what} | "
-              f"best so far {best} | elapsed {_fmt_seconds(elapsed)} | ETA {eta_text}",
-              flush=True)
+        print(f"[{self.spec['sweep']}] {trials} | {trial_id} {what} | best so far {best}"
+              f"{progress} | elapsed {_fmt_seconds(elapsed)} | ETA {eta_text}", flush=True)
 
 
 def _stop_sweep(error: Exception) -> None:

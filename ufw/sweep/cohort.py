@@ -48,6 +48,7 @@ class Cohort:
         (refill), else into new populations grouped by shape."""
         free = list(free or [])
         new_groups: dict[tuple, list[Member]] = {}
+        refills: dict[int, list[tuple[int, Member]]] = {}  # population -> (slot, member)
         for values, number in zip(points, numbers):
             first = len(self.points)
             self.points.append(values)
@@ -64,8 +65,12 @@ class Cohort:
                 continue
             free.remove(place)
             g, slots = place
-            for m, k in zip(members, slots):
-                self._retire(g, k, self.populations[g].replace(k, m.config))
+            refills.setdefault(g, []).extend(zip(slots, members))
+        for g, placed in refills.items():  # one write per tensor for a population's refills
+            slots = [k for k, _ in placed]
+            rows = self.populations[g].replace(slots, [m.config for _, m in placed])
+            for (k, m), row in zip(placed, rows):
+                self._retire(g, k, row)
                 self.slots[m.index] = (g, k)
         self._current = None
         for group in new_groups.values():
@@ -153,15 +158,13 @@ class Cohort:
     def free_slots(self) -> list[tuple[int, list[int]]]:
         """(population, slots) of ended points still occupying slots: ready for refill."""
         free = []
-        for point in self.ended_points():
+        # the points holding slots, not every point the trial trained (thousands, refilled)
+        for point in sorted({self.members[i].point for i in self.slots} & self.ended_at.keys()):
             places = [self.slots[m.index] for m in self.point_members(point)
                       if m.index in self.slots]
             if places and len({g for g, _ in places}) == 1:
                 free.append((places[0][0], [k for _, k in places]))
         return free
-
-    def ended_points(self) -> list[int]:
-        return [p for p in range(len(self.points)) if p in self.ended_at]
 
     # ------------------------------------------------------------------ rows
     def _slot_rows(self) -> dict[tuple[int, int], dict[str, Any]]:
@@ -194,12 +197,12 @@ class Cohort:
             rows.append(row)
         return rows
 
-    def point_values(self) -> dict[int, list[float] | None]:
-        """Per ended, not pruned point with a study number: its objectives' means over seeds
-        (None: no seed has them)."""
+    def untold_values(self) -> dict[int, list[float] | None]:
+        """Per ended point not yet told to the study (not pruned, with a study number): its
+        objectives' means over seeds (None: no seed has them)."""
         return {point: objective_means(self.spec, [self.row(m.index)
                                                    for m in self.point_members(point)])
-                for point in self.ended_points()
+                for point in sorted(self.ended_at.keys() - self.told)
                 if point not in self.pruned and self.numbers[point] is not None}
 
     # ------------------------------------------------------------------ checkpoints

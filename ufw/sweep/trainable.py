@@ -185,7 +185,7 @@ def _train_members(config: dict[str, Any]) -> None:
                 reports = [(cohort.numbers[p], epoch, cohort.objective(p)) for p, epoch in trained]
                 stopped = set(study_wait(service.report.remote(reports), extra))
                 cohort.prune([p for p, _ in trained if cohort.numbers[p] in stopped])
-            told = {p: v for p, v in cohort.point_values().items() if p not in cohort.told}
+            told = cohort.untold_values()
             if told:  # the study learns each result as soon as it is known
                 study_wait(service.tell.remote([(cohort.numbers[p], v) for p, v in told.items()]),
                            extra)
