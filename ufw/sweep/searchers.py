@@ -64,7 +64,9 @@ class _CohortSearcher:
             return "FINISHED"  # Searcher.FINISHED
         if self._asking is None:
             self._asking = self._service().ask.remote(self.cohort, "searcher")
-        ready, _ = ray.wait([self._asking], timeout=0.05)  # a small study answers at once
+        # With none of its trials running (the sweep's start and end) the driver has no
+        # reports to serve, and Tune would sleep a second after each None: wait for the ask.
+        ready, _ = ray.wait([self._asking], timeout=0.05 if self.pending else None)
         if not ready:
             return None
         points = [list(p) for p in ray.get(self._asking)]
