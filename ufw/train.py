@@ -120,7 +120,7 @@ class Population:
             if model is not None:
                 model.cache_rotary(configs[0].seq_len)
         self.objective = Objective(self.configs, self.device, teacher, precision)
-        self.optimizer = PopulationAdamW(self.model, self.configs)
+        self.optimizer = PopulationAdamW(self.model, self.configs, compile=compile)
         # On a GPU a seed-scale epoch is thousands of tiny kernel launches: capture the whole
         # epoch once as a CUDA graph and replay it (one launch per epoch). The graph reads
         # its per-epoch inputs from these fixed buffers.
@@ -224,8 +224,7 @@ class Population:
         """One optimiser step on batch (x, y) with this epoch's weights; loss per member [K]."""
         loss = self._loss(self.model, x, y, self._weights, list(layers))
         loss.sum().backward()  # members share no parameters: one backward serves all
-        self.optimizer.clip_()
-        self.optimizer.step(self._active)
+        self.optimizer.step(self._active, clip=True)
         return loss.detach()
 
     def _epoch_body(self, layers: tuple[int, ...]) -> None:
