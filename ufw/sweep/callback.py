@@ -84,6 +84,8 @@ class _SweepCallback:
             return
         if ended > self._ended.get(trial.trial_id, 0):
             self._ended[trial.trial_id] = ended
+            if result.get("final"):  # the trial's own line (_progress) says it next
+                return
             metric = self.spec["objectives"][0][0]
             best = result.get(metric)
             print(f"[{self.spec['sweep']}] configurations ended: {sum(self._ended.values())}/"
