@@ -52,9 +52,10 @@ def main() -> None:
     completed = int((trials["status"] == "completed").sum())
     slots = max(1.0, args.gpus / args.gpus_per_trial) if args.gpus_per_trial else 1.0
     # Where the rest goes: each Ray trial's set-up before its first epoch, its waits on the
-    # driver for its reports, its time after training (the final report), and wall time when
-    # no trial was running at all (Ray's start and stop, scheduling, Optuna, the driver's
-    # writes).
+    # driver for its reports, the rest of its time outside its epochs (after_training: the
+    # final report, and between epochs a refilling trial's refills and study calls), and wall
+    # time when no trial was running at all (Ray's start and stop, scheduling, Optuna, the
+    # driver's writes).
     per_trial = trials.groupby("trial_id").agg(
         started=("started_at", "min"), finished=("finished_at", "max"),
         setup=("setup_seconds", "max"), train=("trial_train_seconds", "max"),
