@@ -8,8 +8,9 @@ Runs `python -m ufw.sweep` twice as subprocesses, one after the other, on the re
 benchmark (as bench/sweep_throughput.py does): (a) `--pruner none`, every configuration trained
 to its own early stop; (b) `--pruner asha`. In both, the slot of a configuration that is done
 (early-stopped, or pruned in (b)) is refilled with a new configuration. Both get the same
-space (default alpha_lr.yaml), --num-samples, sampler seed, cohort and --sweep-args. A space without a sampler seed is run from a copy that sets one
-(--sampler-seed), since otherwise the two sweeps would draw different configurations.
+space (default alpha_lr.yaml), --num-samples, sampler seed, cohort and --sweep-args. A space
+without a sampler seed is run from a copy that sets one (--sampler-seed), since otherwise the
+two sweeps would draw different configurations.
 
 From each sweep's trials Parquet it reports (compare()):
 
