@@ -179,6 +179,26 @@ def test_asha_sweep_prunes_and_refills_population_slots(ray_local, tiny_space, t
         assert curve["epoch"].max() == row["epochs_run"]
 
 
+def test_a_sweep_without_pruner_refills_and_waits_for_slots_of_its_shape(ray_local, tiny_space,
+                                                                        tmp_path):
+    """No pruner: early-stopped configurations hand their slots on too (two Ray trials of 3
+    train all 12). The space has two shapes (dense FFN or 2 experts): a refill of the other
+    shape waits for a slot
+    of its own (or for its trial's populations to end), and every configuration is trained
+    exactly once."""
+    results = tmp_path / "results"
+    space = tiny_space(PRUNED_SPACE.replace("parameters:\n", "parameters:\n  num_experts: "
+                                            "{type: categorical, choices: [1, 2]}\n"),
+                       max_epochs=4, patience=0)
+    assert sweep.main([str(space), "--num-samples", "12", "--cohort", "3",
+                       "--results", str(results), "--name", "w"]) == 0
+    frame = pd.read_parquet(results / "w" / "trials")
+    assert len(frame) == 12 and frame["config_id"].is_unique
+    assert set(frame["status"]) == {"completed"} and set(frame["num_experts"]) == {1, 2}
+    assert frame["optuna_number"].is_unique
+    assert frame.groupby("trial_id").size().max() > 3  # a trial trained more than its cohort
+
+
 def test_cohort_1_uses_ray_tunes_asha_scheduler(ray_local, tiny_space, tmp_path):
     results = tmp_path / "results"
     space = tiny_space(PRUNED_SPACE, max_epochs=6, patience=6)

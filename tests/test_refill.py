@@ -174,3 +174,28 @@ def test_can_host_refuses_what_would_change_the_traced_structure(corpus):
     with pytest.raises(ConfigError, match="cannot refill slot 1"):
         population.replace([1], [C.with_overrides({"num_layers": 4})])
     assert population.configs[1] == B  # refused before anything changed
+
+
+def test_a_refill_that_fits_no_free_slot_waits_instead_of_starting_a_population(corpus):
+    """A sweep's refill of another shape than the freed slot's (a swept dim, expert count or
+    confidence method) waits for a slot it fits, instead of starting a population of its own
+    (and its own compilation) at every epoch; without free slots it starts one."""
+    from ufw.sweep.cohort import Cohort
+
+    spec = {"sweep": "t", "fixed": {**TINY, "preset": "asymmetric_best"}, "overrides": {},
+            "seeds": 1, "objectives": [["best_ppl", "minimize"]], "data": {}}
+    cohort = Cohort(spec, lambda configs: Population(configs, corpus))
+    assert cohort.add([{"lr": 1e-3}, {"lr": 2e-3}], [0, 1]) == []
+    cohort.run_epoch()
+    cohort.prune([0])
+    free = cohort.free_slots()
+    assert free == [(0, [0])]
+    wider, fitting = {"lr": 1e-3, "dim": 24}, {"lr": 3e-3}
+    assert cohort.add([wider, fitting], [2, 3], free) == [0]  # the dim-24 point waits
+    assert len(cohort.populations) == 1 and len(cohort.points) == 3
+    assert cohort.populations[0].configs[0].lr == 3e-3 and cohort.numbers[2] == 3
+    assert cohort.add([wider], [2]) == []  # no free slots given: a population of its own
+    assert len(cohort.populations) == 2 and cohort.populations[1].configs[0].dim == 24
+    rows = cohort.result_rows({})
+    assert [(r["optuna_number"], r["status"]) for r in rows] == [
+        (0, "pruned"), (1, "running"), (3, "running"), (2, "running")]

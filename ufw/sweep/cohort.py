@@ -43,23 +43,32 @@ class Cohort:
 
     # ------------------------------------------------------------------ points
     def add(self, points: list[dict[str, Any]], numbers: list[int | None],
-            free: list[tuple[int, list[int]]] | None = None) -> None:
-        """Give new points members: into free slots where a population can host them
-        (refill), else into new populations grouped by shape."""
-        free = list(free or [])
+            free: list[tuple[int, list[int]]] | None = None) -> list[int]:
+        """Give new points members. Without `free`: new populations, grouped by shape. With
+        `free` (refill): the slots of a population that can host the point; a point that fits
+        none is left out, and its index returned: it waits for a later refill (or for a
+        population of its own once this trial's are done: `Refill.fill`), so that refills of
+        another shape do not start a new population, with its own compilation, every epoch."""
+        refilling, free = free is not None, list(free or [])
         new_groups: dict[tuple, list[Member]] = {}
         refills: dict[int, list[tuple[int, Member]]] = {}  # population -> (slot, member)
-        for values, number in zip(points, numbers):
+        waiting = []
+        for i, (values, number) in enumerate(zip(points, numbers)):
+            members = expand_members(self.spec, [values])
+            configs = [m.config for m in members]
+            trains = all(c is not None for c in configs)
+            place = next((f for f in free if trains and len(f[1]) == len(configs)
+                          and self.populations[f[0]].can_host(configs[0])), None)
+            if refilling and trains and place is None:
+                waiting.append(i)
+                continue
             first = len(self.points)
             self.points.append(values)
             self.numbers.append(number)
-            members = self._members_of(values, first)
-            configs = [m.config for m in members]
-            if any(c is None for c in configs):
+            self._register(members, first)
+            if not trains:
                 self.ended_at[first] = time.time()  # never trains: failed rows at the end
                 continue
-            place = next((f for f in free if len(f[1]) == len(configs)
-                          and self.populations[f[0]].can_host(configs[0])), None)
             if place is None:
                 new_groups.setdefault(configs[0].shape_key, []).extend(members)
                 continue
@@ -77,14 +86,14 @@ class Cohort:
             self.populations.append(self.make_population([m.config for m in group]))
             for k, m in enumerate(group):
                 self.slots[m.index] = (len(self.populations) - 1, k)
+        return waiting
 
-    def _members_of(self, values: dict[str, Any], point: int) -> list[Member]:
-        members = expand_members(self.spec, [values])
+    def _register(self, members: list[Member], point: int) -> None:
+        """Members (of one point) take their places in the trial."""
         for m in members:
             m.index, m.point = len(self.members), point
             self.members.append(m)
         self.by_point.append(members)
-        return members
 
     def _retire(self, g: int, k: int, row: dict[str, Any]) -> None:
         """Keep `row`, the result of the member that left slot k of population g."""
@@ -220,7 +229,7 @@ class Cohort:
         for values, number in zip(state["points"], state["numbers"]):
             self.points.append(values)
             self.numbers.append(number)
-            self._members_of(values, len(self.points) - 1)
+            self._register(expand_members(self.spec, [values]), len(self.points) - 1)
         self.populations = []
         for configs, saved in zip(state["configs"], state["populations"]):
             population = self.make_population([UniversalConfig.from_dict(c) for c in configs])

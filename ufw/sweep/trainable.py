@@ -225,11 +225,14 @@ class Refill:
         if len(self.spare) < len(free) and not self.exhausted:
             wanted = len(free) - len(self.spare)
             self._take(self.service.ask.remote(wanted, self.holder), wanted)
-        placed, self.spare = self.spare[:len(free)], self.spare[len(free):]
-        if placed:
-            cohort.add([values for _, values in placed], [n for n, _ in placed],
-                       free[:len(placed)])
-        if free and self.asking is None and not self.exhausted:
+        if free and self.spare:  # a configuration that fits no free slot waits (Cohort.add)
+            waiting = cohort.add([values for _, values in self.spare],
+                                 [n for n, _ in self.spare], free)
+            self.spare = [self.spare[i] for i in waiting]
+        if self.spare and cohort.finished:  # none of this trial's populations can host them
+            cohort.add([values for _, values in self.spare], [n for n, _ in self.spare])
+            self.spare = []
+        if free and self.asking is None and not self.exhausted and not self.spare:
             self.asking = (self.service.ask.remote(len(free), self.holder), len(free))
         return self.exhausted and not self.spare and self.asking is None
 
