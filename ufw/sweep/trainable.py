@@ -205,7 +205,9 @@ class Refill:
     ahead: asking is slow in a large study (TPE: tens of ms per configuration after a few
     thousand), and a population waiting on it would leave its GPU idle. As many are asked
     for the next epoch as slots freed in this one; only a shortfall is asked and waited for.
-    The spare configurations are this trial's (they travel in its checkpoint)."""
+    A configuration that fits no free slot (another shape) waits for one; once the trial's
+    populations are all done, those still waiting train as populations of their own. The
+    spare configurations are this trial's (they travel in its checkpoint)."""
 
     def __init__(self, service, holder: str, times: dict[str, Any]):
         self.service, self.holder, self.times = service, holder, times
