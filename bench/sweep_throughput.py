@@ -78,7 +78,8 @@ def main() -> None:
                                                   - per_trial["report"]).sum()),
                  "no_trial_running_seconds": float(wall - busy),
                  "first_epoch_excess_seconds": first_epoch_excess}
-    record = {"device": device_label("cuda" if args.gpus else "cpu"), "trials": len(trials),
+    record = {"device": device_label("cuda" if args.gpus else "cpu"), "gpus": args.gpus,
+              "trials": len(trials),
               "completed": completed, "wall_seconds": wall,
               "trials_per_gpu_hour": completed / (wall / 3600) / max(args.gpus, 1e-9),
               "training_share": training_share(trials, wall, slots),

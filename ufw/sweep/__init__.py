@@ -29,35 +29,25 @@ os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # the progress line s
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state: often, it is small
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
+# Nothing heavy is imported here: the study actor and its sampler replicas import
+# ufw.sweep.study_service, and with the driver's and the trainable's modules (torch, Ray Tune)
+# each of those processes took seconds to start, which the sweep's first trials waited for.
 # Ray and Optuna are imported where they are used: a bad space fails fast, before loading them.
 import importlib
 
-from ufw.sweep.driver import (
-    Plan,
-    _trainable,  # the tests check these two internals directly
-    build_parser,
-    finalize,
-    main,
-    make_plan,
-    make_tuner,
-    pareto_front,
-    run,
-    summary,
-)
-from ufw.sweep.plan import _concurrency
-from ufw.sweep.searchers import DefineByRun
-from ufw.sweep.trainable import run_trial
-
-__all__ = ["CohortSearcher", "DefineByRun", "Plan", "SweepCallback", "_concurrency", "_trainable",
-           "build_parser", "finalize", "main", "make_plan", "make_tuner", "pareto_front", "run",
-           "run_trial", "summary"]
-
-# Made on first use (they subclass Ray's classes, see lazy_ray.py); also what pickles of
-# sweeps started before ufw.sweep became a package refer to.
-_RAY_CLASSES = {"CohortSearcher": "ufw.sweep.searchers", "SweepCallback": "ufw.sweep.callback"}
+# Each public name and the module that holds it, imported on first use; CohortSearcher and
+# SweepCallback subclass Ray's classes (lazy_ray.py), and are also what pickles of sweeps
+# started before ufw.sweep became a package refer to.
+_EXPORTS = {"Plan": "driver", "_trainable": "driver", "build_parser": "driver",
+            "finalize": "driver", "main": "driver", "make_plan": "driver",
+            "make_tuner": "driver", "pareto_front": "driver", "run": "driver",
+            "summary": "driver", "_concurrency": "plan", "DefineByRun": "searchers",
+            "CohortSearcher": "searchers", "run_trial": "trainable",
+            "SweepCallback": "callback"}
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> type:
-    if name in _RAY_CLASSES:
-        return getattr(importlib.import_module(_RAY_CLASSES[name]), name)
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"ufw.sweep.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
