@@ -152,8 +152,8 @@ def test_asha_sweep_prunes_and_refills_population_slots(ray_local, tiny_space, t
     space = tiny_space(PRUNED_SPACE, max_epochs=6, patience=6)
     assert sweep.main([str(space), "--num-samples", "12", "--cohort", "3", "--pruner", "asha",
                        "--results", str(results), "--name", "p"]) == 0
-    # A refilling trial writes its rows at its end; meanwhile the driver counts what ended,
-    # and its ETA counts configurations, not the trials planned (refills spend the budget).
+    # The driver counts what ended, and its ETA counts configurations, not the trials
+    # planned (refills spend the budget).
     out = capsys.readouterr().out
     assert "[p] configurations ended: " in out
     last = [line for line in out.splitlines() if line.startswith("[p] trials ")][-1]
@@ -162,6 +162,16 @@ def test_asha_sweep_prunes_and_refills_population_slots(ray_local, tiny_space, t
     frame = pd.read_parquet(results / "p" / "trials")
     assert len(frame) == 12 and frame["config_id"].is_unique
     assert frame["optuna_number"].notna().all() and frame["optuna_number"].is_unique
+    # A refilling trial writes what ended with its checkpoints (parts numbered n), before
+    # its last part: its rows reach Parquet while it runs.
+    trials_dir = results / "p" / "trials"
+    numbered = list(trials_dir.glob("part-*.*.parquet"))
+    assert numbered, sorted(p.name for p in trials_dir.iterdir())
+    for part in numbered:
+        last = trials_dir / f"{part.name.split('.')[0]}.parquet"
+        assert part.stat().st_mtime < last.stat().st_mtime
+        assert pd.read_parquet(part)["ended_at"].max() < pd.read_parquet(last)[
+            "finished_at"].max()
     statuses = frame["status"].value_counts().to_dict()
     assert statuses.get("pruned", 0) >= 1 and statuses.get("completed", 0) >= 1, statuses
     pruned = frame[frame["status"] == "pruned"]

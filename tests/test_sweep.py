@@ -5,6 +5,7 @@ training characters), so a trial takes about a second."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from ufw.config import UniversalConfig
 from ufw.data import make_corpus
 from ufw.results import ResultsWriter, read_epochs, read_trials
 from ufw.study import load_study
+from ufw.sweep.repair import set_aside_damaged_parts
 from ufw.train import Population
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,6 +281,76 @@ def test_results_writer_replaces_a_trials_part_atomically(tmp_path):
     assert len(read_trials(str(tmp_path / "s"))) == 2
     schemas = [pq.read_schema(p) for p in (tmp_path / "s" / "trials").glob("part-*")]
     assert schemas[0].equals(schemas[1])
+
+
+def test_numbered_parts_replace_a_lost_timeline_and_the_last_part_closes_the_trial(tmp_path):
+    """A refilling trial's part n goes with its checkpoint n. Retried from checkpoint n, it
+    writes part n again and its parts above n (a lost timeline's) go; its last part says it
+    finished, and replaces the numbered parts from its own number on."""
+    writer = ResultsWriter(str(tmp_path), "s")
+
+    def rows(*ids):
+        return [{"sweep": "s", "trial_id": "t1", "config_id": i, "seed": 42, "member": 0,
+                 "best_ppl": 5.0, "status": "completed"} for i in ids]
+
+    def epochs(*ids):
+        return [{"trial_id": "t1", "config_id": i, "member": 0, "epoch": 1} for i in ids]
+
+    for n, ids in enumerate([("a",), ("b",), ("c",)]):
+        writer.write("t1", rows(*ids), epochs(*ids), n, last=False)
+    assert writer.trial_ids() == set() and writer.trials_with_parts() == {"t1"}
+    assert sorted(read_trials(str(tmp_path / "s"))["config_id"]) == ["a", "b", "c"]
+    writer.write("t1", rows("b", "d"), epochs("b", "d"), 1, last=False)  # retried from 1
+    assert sorted(read_trials(str(tmp_path / "s"))["config_id"]) == ["a", "b", "d"]
+    assert sorted(read_epochs(str(tmp_path / "s"))["config_id"]) == ["a", "b", "d"]
+    assert writer.recorded_members("t1") == {("a", 42), ("b", 42), ("d", 42)}
+    # its last part sends part 1 again with the rest (restored from 1, no checkpoint since)
+    writer.write("t1", rows("b", "d", "e"), epochs("b", "d", "e"), 1)
+    assert writer.trial_ids() == {"t1"}
+    assert sorted(read_trials(str(tmp_path / "s"))["config_id"]) == ["a", "b", "d", "e"]
+    assert sorted(p.name for p in (tmp_path / "s" / "trials").glob("part-*")) == [
+        "part-t1.0.parquet", "part-t1.parquet"]
+    # a damaged numbered part is set aside under its own name
+    writer.write("t2", rows("f"), epochs("f"), 0, last=False)
+    damaged = tmp_path / "s" / "trials" / "part-t2.0.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    (tmp_path / "s" / "ray").mkdir()  # Ray's experiment: no state to rerun a trial from
+    said = set_aside_damaged_parts(str(tmp_path), "s", str(tmp_path / "s" / "ray"))
+    assert list(said) == ["t2.0"] and said["t2.0"].endswith("its rows are lost"), said
+    assert (tmp_path / "s" / "trials" / "_damaged-part-t2.0.parquet").exists()
+    assert not (tmp_path / "s" / "epochs" / "part-t2.0.parquet").exists()
+    writer.delete("t1")
+    assert not list((tmp_path / "s" / "trials").glob("part-*"))
+
+
+def test_row_parts_send_what_ended_once_and_send_the_last_part_again_after_a_restore():
+    from ufw.sweep.trainable import RowParts
+
+    def rows(ended):
+        return [{"member": m, "ended_at": 1.0 if m in ended else math.nan} for m in range(3)]
+
+    parts = RowParts()
+    epoch_rows = ["e1", "e2"]
+    sent, epochs, number = parts.take(rows({0}), epoch_rows, final=False)
+    assert ([r["member"] for r in sent], epochs, number, epoch_rows) == ([0], ["e1", "e2"], 0, [])
+    saved = json.loads(json.dumps(parts.state_dict()))  # as its checkpoint keeps it
+    epoch_rows.append("e3")
+    assert parts.take(rows({0}), epoch_rows, final=False) == ([], [], None)  # nothing ended
+    assert epoch_rows == ["e3"]  # kept for the next part
+    sent, epochs, number = parts.take(rows({0, 1}), epoch_rows, final=False)
+    assert ([r["member"] for r in sent], epochs, number) == ([1], ["e3"], 1)
+    sent, epochs, number = parts.take(rows({0, 1, 2}), [], final=True)
+    assert ([r["member"] for r in sent], number) == ([2], 2)
+    # Restored from the checkpoint of part 0: part 0 again, with what ended since.
+    restored = RowParts()
+    restored.load_state_dict(saved)
+    sent, epochs, number = restored.take(rows({0, 1}), ["e3'"], final=False)
+    assert ([r["member"] for r in sent], epochs, number) == ([0, 1], ["e1", "e2", "e3'"], 0)
+    sent, _, number = restored.take(rows({0, 1, 2}), [], final=True)
+    assert ([r["member"] for r in sent], number) == ([2], 1)
+    # a trial that does not refill sends everything, unnumbered
+    assert RowParts().take(rows(set()), ["e"], final=True, everything=True) == (
+        rows(set()), ["e"], None)
 
 
 # ---------------------------------------------------------------------- grid sweeps

@@ -5,12 +5,17 @@ Layout under `<results>/<sweep>/` (a local directory or any pyarrow filesystem U
 
     trials/part-<trial_id>.parquet   one row per population member (configuration x seed)
     epochs/part-<trial_id>.parquet   one row per member per epoch
+    trials/part-<trial_id>.<n>.parquet, epochs/...   what a refilling trial had finished by
+                                     its n-th checkpoint (written while it runs)
     sweep.json                       what the sweep ran: its space, overrides, data flags
 
 Every part is written to a hidden temporary name in its directory and then renamed, so a
 reader never sees half a file; a retried or resumed trial replaces its own part, so rows are
-never duplicated. Column types come from `UniversalConfig`'s annotations and the tables below,
-so that every part of a sweep has the same schema even when a value is null in one of them.
+never duplicated. A trial's parts numbered n are written with its checkpoint n; a trial
+retried from checkpoint n writes part n again and removes its parts numbered above n (rows
+of a timeline that was lost), and `part-<trial_id>.parquet`, its last, says it finished.
+Column types come from `UniversalConfig`'s annotations and the tables below, so that every
+part of a sweep has the same schema even when a value is null in one of them.
 
 `pandas.read_parquet("<results>/<sweep>/trials")` reads a sweep; `read_trials()` /
 `read_epochs()` do the same through pyarrow.fs (URIs) and unify schemas across parts.
@@ -190,63 +195,102 @@ class ResultsWriter:
         _ = self.fs
         return join(self._path, kind)
 
-    def part(self, kind: str, trial_id: str) -> str:
-        return join(self.dir(kind), f"part-{trial_id}.parquet")
+    def part(self, kind: str, trial_id: str, number: int | None = None) -> str:
+        """The trial's last part, or its part `number` (written with that checkpoint)."""
+        name = trial_id if number is None else f"{trial_id}.{number}"
+        return join(self.dir(kind), f"part-{name}.parquet")
 
-    def write(self, trial_id: str, rows: list[dict], epoch_rows: list[dict]) -> None:
-        """Epochs first, trials last: a trials part means the trial is fully recorded."""
-        self._write(EPOCHS, trial_id, epoch_rows)
-        self._write(TRIALS, trial_id, rows)
+    def write(self, trial_id: str, rows: list[dict], epoch_rows: list[dict],
+              number: int | None = None, last: bool = True) -> None:
+        """The trial's last part (`last`), or its part `number`. Parts numbered from `number`
+        on (after the last part) or above it are another timeline's: removed first.
+        Epochs first, trials last: a trial's last trials part means it is fully recorded."""
+        if number is not None:
+            for kind in (TRIALS, EPOCHS):
+                for n, path in self.numbered_parts(kind, trial_id).items():
+                    if n > number or (last and n == number):
+                        self.fs.delete_file(path)
+        at = None if last else number
+        self._write(EPOCHS, self.part(EPOCHS, trial_id, at), epoch_rows)
+        self._write(TRIALS, self.part(TRIALS, trial_id, at), rows)
 
-    def _write(self, kind: str, trial_id: str, rows: list[dict]) -> None:
+    def _write(self, kind: str, path: str, rows: list[dict]) -> None:
         directory = self.dir(kind)
         self.fs.create_dir(directory, recursive=True)
         columns = self._known_columns(kind)
         table = to_table(rows, columns)
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
-        write_atomically(self.fs, self.part(kind, trial_id), buffer.getvalue().to_pybytes())
+        write_atomically(self.fs, path, buffer.getvalue().to_pybytes())
 
     def _known_columns(self, kind: str) -> list[str]:
         """Columns of the sweep's existing parts, so that a new part matches them."""
-        for trial_id in sorted(self.trial_ids(kind)):
+        for name in sorted(self._part_names(kind)):
             try:
-                return list(pq.read_schema(self.part(kind, trial_id), filesystem=self.fs).names)
+                return list(pq.read_schema(join(self.dir(kind), f"part-{name}.parquet"),
+                                           filesystem=self.fs).names)
             except (OSError, pa.ArrowInvalid):
                 continue
         return []
 
-    def trial_ids(self, kind: str = TRIALS) -> set[str]:
+    def _part_names(self, kind: str) -> set[str]:
+        """`<trial_id>` and `<trial_id>.<n>` of every part of `kind`."""
         selector = pafs.FileSelector(self.dir(kind), allow_not_found=True)
-        ids = set()
-        for info in self.fs.get_file_info(selector):
-            name = info.base_name
-            if name.startswith("part-") and name.endswith(".parquet"):
-                ids.add(name[len("part-"):-len(".parquet")])
-        return ids
+        return {info.base_name[len("part-"):-len(".parquet")]
+                for info in self.fs.get_file_info(selector)
+                if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")}
+
+    def trial_ids(self, kind: str = TRIALS) -> set[str]:
+        """Trials with their last part: finished (or failed) and fully recorded."""
+        return {name for name in self._part_names(kind) if "." not in name}
+
+    def trials_with_parts(self) -> set[str]:
+        """Every trial with any part, numbered or last, of either kind."""
+        return {name.split(".")[0] for kind in (TRIALS, EPOCHS)
+                for name in self._part_names(kind)}
+
+    def numbered_parts(self, kind: str, trial_id: str) -> dict[int, str]:
+        """The trial's parts written with its checkpoints: number -> path."""
+        parts = {}
+        for name in self._part_names(kind):
+            owner, _, number = name.partition(".")
+            if owner == trial_id and number.isdigit():
+                parts[int(number)] = self.part(kind, trial_id, int(number))
+        return parts
+
+    def recorded_members(self, trial_id: str) -> set[tuple[str, int]]:
+        """(config_id, seed) of the rows in the trial's numbered trials parts."""
+        recorded = set()
+        for path in self.numbered_parts(TRIALS, trial_id).values():
+            table = pq.read_table(path, columns=["config_id", "seed"], filesystem=self.fs)
+            recorded.update(zip(table["config_id"].to_pylist(), table["seed"].to_pylist()))
+        return recorded
 
     def delete(self, trial_id: str) -> None:
         for kind in (TRIALS, EPOCHS):
-            path = self.part(kind, trial_id)
-            if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
-                self.fs.delete_file(path)
+            paths = [self.part(kind, trial_id), *self.numbered_parts(kind, trial_id).values()]
+            for path in paths:
+                if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+                    self.fs.delete_file(path)
 
     def set_aside_damaged(self) -> dict[str, str]:
         """Rename parts that are not readable Parquet (a truncated copy, a full disk) to
-        `_damaged-part-<trial_id>.parquet` (readers skip names starting with "_"), with their
-        trial's other part. Returns trial id -> what was wrong."""
+        `_damaged-part-<name>.parquet` (readers skip names starting with "_"), with the other
+        kind's part of the same name. Returns part name (`<trial_id>`, or `<trial_id>.<n>`
+        for a part written with checkpoint n) -> what was wrong."""
         damaged: dict[str, str] = {}
         for kind in (TRIALS, EPOCHS):
-            for trial_id in sorted(self.trial_ids(kind)):
+            for name in sorted(self._part_names(kind)):
                 try:
-                    pq.read_metadata(self.part(kind, trial_id), filesystem=self.fs)
+                    pq.read_metadata(join(self.dir(kind), f"part-{name}.parquet"),
+                                     filesystem=self.fs)
                 except (OSError, pa.ArrowException) as e:
-                    damaged.setdefault(trial_id, f"{kind} part: {str(e).splitlines()[0]}")
-        for trial_id in damaged:
+                    damaged.setdefault(name, f"{kind} part: {str(e).splitlines()[0]}")
+        for name in damaged:
             for kind in (TRIALS, EPOCHS):
-                path = self.part(kind, trial_id)
+                path = join(self.dir(kind), f"part-{name}.parquet")
                 if self.fs.get_file_info(path).type == pafs.FileType.File:
-                    self.fs.move(path, join(self.dir(kind), f"_damaged-part-{trial_id}.parquet"))
+                    self.fs.move(path, join(self.dir(kind), f"_damaged-part-{name}.parquet"))
         return damaged
 
     def clean_temporary(self) -> None:

@@ -6,8 +6,9 @@ configuration (cohort 1, sampled by Ray Tune's OptunaSearch with a define-by-run
 or `cohort` sampled configurations x seeds (a `CohortSearcher` asks an Optuna study for
 `cohort` points per trial and tells it every point's result). Trials report every epoch with
 a checkpoint of the population, so a retried trial, or a resumed sweep, continues from its
-last epoch. When a trial ends, the driver (a Tune callback, `SweepCallback`) writes its rows
-as Parquet parts (ufw.results) and prints a progress line; at the end it prints the best
+last epoch. When a trial ends, and with each checkpoint of a trial that refills, the driver
+(a Tune callback, `SweepCallback`) writes its rows as Parquet parts (ufw.results) and prints a
+progress line; at the end it prints the best
 configurations and where the files are.
 
 Layout of `<results>/<name>/`: `trials/` and `epochs/` (Parquet parts), `ray/` (Ray Tune's

@@ -45,6 +45,17 @@ def error_line(text: str | None) -> str:
     return lines[-1] if lines else "trial failed"
 
 
+def unrecorded_failed_rows(writer: ResultsWriter, spec: dict[str, Any], trial_id: str,
+                           config: dict[str, Any], error: str,
+                           extra: dict[str, Any]) -> list[dict]:
+    """Failed rows for a failed trial's members, but those already in its numbered parts (a
+    refilling trial that failed after writing some)."""
+    recorded = writer.recorded_members(trial_id)
+    return [row for row in failed_rows(spec, expand_members(spec, trial_points(config)),
+                                       error, extra)
+            if (row["config_id"], row["seed"]) not in recorded]
+
+
 class _SweepCallback:
     """Writes each finished trial's Parquet parts (driver side) and prints progress.
 
@@ -59,6 +70,7 @@ class _SweepCallback:
         self._finished_now = 0
         self._best: float | None = None
         self._ended: dict[str, int] = {}  # refilling trials: configurations done so far
+        self._trial_best: dict[str, float] = {}  # each trial's best objective so far
         self._out_of_space: out_of_space.OutOfSpace | None = None  # stops the sweep
 
     def setup(self, **info) -> None:
@@ -77,8 +89,14 @@ class _SweepCallback:
             pass
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        """With refill a trial trains configurations until the sweep's budget is spent and
-        writes its rows at its end: say how many configurations have ended meanwhile."""
+        """A refilling trial trains configurations until the sweep's budget is spent: write
+        the rows it sends with its checkpoints (part n) and say how many have ended."""
+        if "rows_part" in result and not result.get("final"):
+            rows = json.loads(result["rows"])
+            if not self._write(trial, rows, json.loads(result["epoch_rows"]),
+                               number=result["rows_part"], last=False):
+                return
+            self._note_best(trial.trial_id, rows)
         ended = result.get("configurations_ended")
         if not self.spec.get("refill") or ended is None:
             return
@@ -95,6 +113,7 @@ class _SweepCallback:
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
+        number = result.get("rows_part")
         if "rows" in result:
             rows = json.loads(result["rows"])
             epoch_rows = json.loads(result.get("epoch_rows", "[]"))
@@ -104,11 +123,11 @@ class _SweepCallback:
                     if row["status"] == "running":
                         row.update(status="pruned", ended_at=time.time())
         else:
-            members = expand_members(self.spec, trial_points(trial.config))
-            rows = failed_rows(self.spec, members, "trial ended without a final result",
-                               {"trial_id": trial.trial_id})
-            epoch_rows, error = [], "ended without a final result"
-        self._write(trial, rows, epoch_rows, error)
+            rows = self._unrecorded_failed_rows(trial, "trial ended without a final result",
+                                                {"trial_id": trial.trial_id})
+            epoch_rows, error, number = [], "ended without a final result", None
+        if self._write(trial, rows, epoch_rows, number):
+            self._progress(trial.trial_id, rows, error)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self._stop_if_out_of_space(trial)
@@ -119,10 +138,15 @@ class _SweepCallback:
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._stop_if_out_of_space(trial)
         error = trial_error(trial)
-        members = expand_members(self.spec, trial_points(trial.config))
         location = getattr(getattr(trial, "temporary_state", None), "location", None)
         extra = {"trial_id": trial.trial_id, "node": getattr(location, "hostname", None)}
-        self._write(trial, failed_rows(self.spec, members, error, extra), [], error)
+        rows = self._unrecorded_failed_rows(trial, error, extra)
+        if self._write(trial, rows, [], None):
+            self._progress(trial.trial_id, rows, error)
+
+    def _unrecorded_failed_rows(self, trial, error: str, extra: dict[str, Any]) -> list[dict]:
+        return unrecorded_failed_rows(self.writer, self.spec, trial.trial_id, trial.config,
+                                      error, extra)
 
     def _stop_if_out_of_space(self, trial) -> None:
         """A trial that could not save its checkpoint for lack of space did nothing wrong:
@@ -146,9 +170,11 @@ class _SweepCallback:
         if self._out_of_space is not None:
             _stop_sweep(self._out_of_space)
 
-    def _write(self, trial, rows, epoch_rows, error: str | None) -> None:
+    def _write(self, trial, rows, epoch_rows, number: int | None = None,
+               last: bool = True) -> bool:
+        """Write the trial's last part (or its part `number`); False if the disk is full."""
         try:
-            self.writer.write(trial.trial_id, rows, epoch_rows)
+            self.writer.write(trial.trial_id, rows, epoch_rows, number, last)
         except OSError as e:
             why = out_of_space.reason(e)
             if not why:
@@ -156,23 +182,33 @@ class _SweepCallback:
             self._out_of_space = out_of_space.OutOfSpace(
                 f"the Parquet parts of trial {trial.trial_id} under "
                 f"{join(self.writer.root, self.spec['sweep'])}", why)
-            return
+            return False
         # The parts hold the rows now: keep Ray's experiment state small.
         with contextlib.suppress(Exception):
             trial.run_metadata.last_result = {k: v for k, v in trial.last_result.items()
                                               if k not in HEAVY_KEYS}
-        self._finished.add(trial.trial_id)
-        self._finished_now += 1
-        self._progress(trial.trial_id, rows, error)
+        if last:
+            self._finished.add(trial.trial_id)
+            self._finished_now += 1
+        return True
 
-    def _progress(self, trial_id: str, rows: list[dict], error: str | None) -> None:
+    def _note_best(self, trial_id: str, rows: list[dict]) -> None:
+        """Keep the best finite objective of the trial's rows and of the sweep so far."""
         metric, direction = self.spec["objectives"][0]
         better = min if direction == "minimize" else max
         values = [float(r[metric]) for r in rows if r.get(metric) is not None
                   and r.get("status") != "failed" and math.isfinite(float(r[metric]))]
         if values:
-            trial_best = better(values)
-            self._best = trial_best if self._best is None else better(self._best, trial_best)
+            best = better(values)
+            if trial_id in self._trial_best:
+                best = better(best, self._trial_best[trial_id])
+            self._trial_best[trial_id] = best
+            self._best = best if self._best is None else better(self._best, best)
+
+    def _progress(self, trial_id: str, rows: list[dict], error: str | None) -> None:
+        metric = self.spec["objectives"][0][0]
+        self._note_best(trial_id, rows)
+        trial_best = self._trial_best.get(trial_id)  # over all its parts
         done = min(len(self._finished), self.total)
         elapsed = time.time() - self._start
         if self.spec.get("refill"):  # trials refill until the budget is spent: count those
@@ -187,8 +223,8 @@ class _SweepCallback:
         failed = [r for r in rows if r.get("status") == "failed"]
         if error:
             what = f"failed: {error}"
-        elif values:
-            what = f"{metric} {better(values):.4g}"
+        elif trial_best is not None:
+            what = f"{metric} {trial_best:.4g}"
             if failed:
                 what += f" ({len(failed)}/{len(rows)} members failed: {failed[0].get('error')})"
         else:

@@ -17,9 +17,9 @@ from ufw.results import ResultsWriter, join, read_epochs, read_trials
 from ufw.space import Objective, parameter_column
 from ufw.study import journal_storage
 from ufw.sweep import callback, out_of_space, searchers
-from ufw.sweep.callback import error_line
+from ufw.sweep.callback import error_line, unrecorded_failed_rows
 from ufw.sweep.lock import SweepLock
-from ufw.sweep.members import SPEC, expand_members, failed_rows, trial_points
+from ufw.sweep.members import SPEC
 from ufw.sweep.plan import (
     Plan,
     _check_resources,
@@ -144,18 +144,18 @@ def finalize(plan: Plan, grid, lock: SweepLock | None = None,
         metrics = result.metrics or {}
         if "rows" in metrics:
             writer.write(trial_id, json.loads(metrics["rows"]),
-                         json.loads(metrics.get("epoch_rows", "[]")))
+                         json.loads(metrics.get("epoch_rows", "[]")), metrics.get("rows_part"))
         elif result.error is not None:
-            members = expand_members(spec, trial_points(result.config or {SPEC: spec}))
-            writer.write(trial_id, failed_rows(spec, members, error_line(str(result.error)),
-                                               {"trial_id": trial_id}), [])
+            writer.write(trial_id, unrecorded_failed_rows(
+                writer, spec, trial_id, result.config or {SPEC: spec},
+                error_line(str(result.error)), {"trial_id": trial_id}), [])
         else:
             complete = False
     if lock is not None and not lock.held():
         print(f"[{plan.name}] lost the sweep's lock to another driver: deleting nothing",
               file=sys.stderr, flush=True)
         return False
-    for trial_id in writer.trial_ids() - known:
+    for trial_id in writer.trials_with_parts() - known:
         writer.delete(trial_id)  # a trial the experiment forgot (driver killed before saving)
     writer.clean_temporary()
     # Refilled slots train more than a cohort per trial: fewer Ray trials may spend the budget.
@@ -283,9 +283,9 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
     if plan.resume:
         print(f"[{plan.name}] resuming {plan.experiment_path}", flush=True)
         damaged = set_aside_damaged_parts(plan.root, plan.name, plan.experiment_path)
-        for trial_id, what in damaged.items():
-            print(f"[{plan.name}] trial {trial_id}: damaged part ({what}); set aside as "
-                  f"_damaged-part-{trial_id}.parquet", file=sys.stderr, flush=True)
+        for part, what in damaged.items():
+            print(f"[{plan.name}] trial {part.split('.')[0]}: damaged part ({what}); set "
+                  f"aside as _damaged-part-{part}.parquet", file=sys.stderr, flush=True)
         if drop_torn_journal_record(plan.study_file):
             print(f"[{plan.name}] {plan.study_file}: dropped its last record, cut short",
                   file=sys.stderr, flush=True)

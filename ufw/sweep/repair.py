@@ -34,14 +34,18 @@ from ufw.results import ResultsWriter, filesystem, join, write_atomically
 
 
 def set_aside_damaged_parts(root: str, name: str, experiment_path: str) -> dict[str, str]:
-    """Set damaged parts aside; returns trial id -> what was wrong, and what happens now."""
+    """Set damaged parts aside; returns part name -> what was wrong, and what happens now.
+    A trial whose last part was damaged runs again from its last checkpoint; a part written
+    at an earlier checkpoint (`<trial_id>.<n>`) cannot be written again: its rows are lost
+    (the Optuna study keeps those configurations' results)."""
     damaged = ResultsWriter(root, name).set_aside_damaged()
     if not damaged:
         return {}
-    rerun = mark_trials_errored(experiment_path, set(damaged))
-    return {trial_id: f"{problem}; " + ("its trial runs again" if trial_id in rerun else
-                                        "its trial is not in Ray's state: its rows are lost")
-            for trial_id, problem in damaged.items()}
+    rerun = mark_trials_errored(experiment_path, {n for n in damaged if "." not in n})
+    return {part: f"{problem}; " + ("its trial runs again" if part in rerun else
+                                    "its rows are lost" if "." in part else
+                                    "its trial is not in Ray's state: its rows are lost")
+            for part, problem in damaged.items()}
 
 
 def mark_trials_errored(experiment_path: str, trial_ids: set[str]) -> set[str]:

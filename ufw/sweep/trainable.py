@@ -6,12 +6,15 @@ trial tells the sweep's study actor its results, and with a pruner reports each 
 objective and stops those the pruner stops; the slots of configurations that are done
 (early-stopped, pruned) train new ones asked from the same actor. The trial reports to Ray
 every epoch (or every --checkpoint-seconds) with a checkpoint, so that a retried or resumed
-trial continues from its last epoch, and its final report carries every member's rows.
+trial continues from its last epoch. A refilling trial's checkpoint reports carry the rows of
+the configurations that ended since the last one (RowParts); its final report carries the
+rest (every member's rows, for a trial that does not refill).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -111,7 +114,8 @@ def _train_members(config: dict[str, Any]) -> None:
     service = find_service(spec["sweep"]) if any(n is not None for n in numbers) else None
     refilling = service is not None and spec.get("refill", False)  # plan.spec() says
     pruning = refilling and spec["pruning"]["pruner"] != "none"
-    epoch_rows: list[dict[str, Any]] = []
+    epoch_rows: list[dict[str, Any]] = []  # not yet sent to the driver
+    parts = RowParts()
     refill = Refill(service, trial_id, extra)
     nothing_left = False  # the study has no configuration left for a refill
     checkpoint = tune.get_checkpoint()
@@ -124,6 +128,7 @@ def _train_members(config: dict[str, Any]) -> None:
         cohort.load_state_dict(state["cohort"])
         epoch_rows, refill.exhausted = state["epoch_rows"], state["exhausted"]
         refill.spare = [tuple(p) for p in state["spare"]]
+        parts.load_state_dict(state["parts"])
         # Retried (a failure, a lost node) or resumed: how many epochs the checkpoint held.
         extra["resumed_from_epoch"] = max((p.epoch for p in cohort.populations), default=0)
     else:
@@ -151,9 +156,15 @@ def _train_members(config: dict[str, Any]) -> None:
             "epoch": max((p.epoch for p in cohort.populations), default=0),
             "configurations_ended": len(cohort.ended_at),
             "members_running": sum(cohort.status(m.index) == "running" for m in cohort.members)}
-        if final or report_rows:
-            metrics.update(rows=json.dumps(cohort.result_rows(extra)),
-                           epoch_rows=json.dumps(epoch_rows))
+        if final or report_rows or refilling:
+            # A refilling trial sends what ended since its last checkpoint with each one (the
+            # driver writes it as part n), the rest at its end: rows reach Parquet as it runs.
+            rows, epochs, number = parts.take(cohort.result_rows(extra), epoch_rows, final,
+                                              everything=report_rows or not refilling)
+            if rows or final:
+                metrics.update(rows=json.dumps(rows), epoch_rows=json.dumps(epochs))
+                if number is not None:
+                    metrics["rows_part"] = number
         if final:  # no checkpoint: Ray would keep these rows with it in its experiment state
             tune.report(metrics)
             return
@@ -161,7 +172,8 @@ def _train_members(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             tensorfile.save(os.path.join(d, STATE_FILE),
                             {"cohort": cohort.state_dict(), "epoch_rows": epoch_rows,
-                             "exhausted": refill.exhausted, "spare": refill.spare},
+                             "exhausted": refill.exhausted, "spare": refill.spare,
+                             "parts": parts.state_dict()},
                             tensorfile.CHECKPOINT)
             tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
         extra["report_seconds"] += time.monotonic() - start
@@ -198,6 +210,50 @@ def _train_members(config: dict[str, Any]) -> None:
     report(final=True)
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+class RowParts:
+    """Which rows a refilling trial has sent to the driver, in numbered parts.
+
+    Part n goes with checkpoint n: the rows of configurations that ended since part n - 1
+    and the epoch rows since then. A trial restored from checkpoint n sends part n again, with
+    what ended after it (the driver may have lost it, or written it: the same name is
+    replaced), so that no row is lost or written twice."""
+
+    def __init__(self) -> None:
+        self.sent: set[int] = set()  # members whose rows are in a part
+        self.number = 0  # of the next part
+        self.last: dict[str, Any] | None = None  # the last part, sent again after a restore
+        self.resend = self.last is not None
+
+    def take(self, rows: list[dict[str, Any]], epoch_rows: list[dict[str, Any]], final: bool,
+             everything: bool = False) -> tuple[list[dict], list[dict], int | None]:
+        """(rows, epoch rows, part number) to send now; `epoch_rows` is emptied. Final: every
+        row not sent yet. `everything`: all rows, unnumbered (trials that do not refill)."""
+        if everything:
+            return rows, list(epoch_rows), None
+        new = [r for r in rows if r["member"] not in self.sent
+               and (final or not math.isnan(r["ended_at"]))]
+        epochs = list(epoch_rows)
+        epoch_rows.clear()
+        number = self.number
+        if self.resend:
+            new, epochs, number = self.last["rows"] + new, self.last["epochs"] + epochs, \
+                self.last["number"]
+        if not new and not final:  # nothing ended since the last part: keep the epoch rows
+            epoch_rows.extend(epochs)
+            return [], [], None
+        self.sent.update(r["member"] for r in new)
+        self.last = {"number": number, "rows": new, "epochs": epochs}
+        self.number, self.resend = number + 1, False
+        return new, epochs, number
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sent": sorted(self.sent), "number": self.number, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sent, self.number, self.last = set(state["sent"]), state["number"], state["last"]
+        self.resend = self.last is not None
 
 
 class Refill:
