@@ -202,6 +202,9 @@ CASES = [
          "--checkpoint-seconds"),
     Case("--precision unknown", S, ["ok.yaml", "--precision", "fp8"], "invalid choice"),
     Case("--name with a path", S, ["ok.yaml", "--name", "../x"], "--name"),
+    # ray.init would retry such an address for many minutes
+    Case("--address where nothing answers", S, ["ok.yaml", "--address", "127.0.0.1:1"],
+         "nothing answers"),
     Case("--set dim=100000 (memory)", S, ["ok.yaml", "--set", "dim=100000"], "memory:"),
     Case("--set unknown key", S, ["ok.yaml", "--set", "colour=red"], "colour"),
     Case("--set max_epochs=1000000000", S, ["ok.yaml", "--set", "max_epochs=1000000000"],

@@ -55,8 +55,13 @@ def _init_ray(plan: Plan) -> None:
         try:
             ray.init(address=plan.address, **common)
         except (ConnectionError, ValueError, RuntimeError) as e:
+            # Ray >= 2.59 turns token authentication on for clusters that `ray start` makes
+            # on one machine; a driver without RAY_AUTH_MODE=token sends no token.
+            hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token "
+                    "(the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                    if not os.environ.get("RAY_AUTH_MODE") else "")
             raise ConfigError(f"--address {plan.address}: cannot connect to a Ray cluster "
-                              f"({error_line(str(e))})") from None
+                              f"({error_line(str(e))}){hint}") from None
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), **common)
 

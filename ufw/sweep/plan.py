@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -271,6 +272,8 @@ def make_plan(args) -> Plan:
     if args.name is not None and (not args.name or "/" in args.name
                                   or args.name.startswith(".")):
         raise ConfigError(f"--name: {args.name!r} must be a plain, non-empty name")
+    if plan.address:
+        check_address(plan.address)
     if plan.cohort == "auto" and not plan.resume:
         plan.cohort = auto_cohort(first, corpus, num_samples, plan.seeds, plan.gpus_per_trial,
                                   plan.precision, plan.compile)
@@ -294,6 +297,22 @@ def make_plan(args) -> Plan:
             raise ConfigError(f"--name: a sweep {plan.name!r} already exists under {root}; "
                               "pass --resume to continue it or another --name")
     return plan
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """ConfigError unless something listens at --address HOST:PORT. Given an address where
+    nothing answers, ray.init retries for many minutes (40 s per attempt, Ray 2.60) before it
+    fails; `auto` and other forms are left to Ray, which fails fast for them."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address}: nothing answers there "
+                          f"({e.strerror or type(e).__name__}); is the cluster's head running "
+                          "(`ray status` on it)? On the head node, --address auto finds it"
+                          ) from None
 
 
 def _pruning(args, space: SearchSpace, max_epochs: int) -> dict[str, Any]:
