@@ -1,4 +1,5 @@
-"""What every benchmark shares: the reference corpus and a JSON record of where it ran."""
+"""What every benchmark shares: the reference corpus, the timed population's configurations and
+a JSON record of where it ran."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ufw.config import UniversalConfig, preset
 from ufw.data import CACHE_DIR, Corpus, load_corpus
 
 # The WikiText-2 files: UFW_WIKITEXT2 names their directory; else where `--data wikitext2`
@@ -33,6 +35,13 @@ def device_label(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def population_configs(K: int) -> list[UniversalConfig]:
+    """K members of one shape with different seeds and learning rates; patience high so that
+    no member stops while it is timed."""
+    return [preset("asymmetric_best").with_overrides(
+        {"seed": k, "lr": 1e-3 * (1 + k % 4) / 2, "patience": 100}) for k in range(K)]
 
 
 def save(name: str, record: dict) -> Path:

@@ -18,9 +18,8 @@ import time
 
 start = time.time()
 import torch  # noqa: E402
-from common import reference_corpus  # noqa: E402
+from common import population_configs, reference_corpus  # noqa: E402
 
-from ufw.config import preset  # noqa: E402
 from ufw.train import Population  # noqa: E402
 
 imported = time.time() - start
@@ -33,10 +32,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     corpus = reference_corpus()
-    configs = [preset("asymmetric_best").with_overrides(
-        {"seed": k, "lr": 1e-3 * (1 + k % 4) / 2, "patience": 100}) for k in range(args.K)]
     began = time.time()
-    population = Population(configs, corpus, args.device, compile=True, precision="bf16")
+    population = Population(population_configs(args.K), corpus, args.device, compile=True,
+                            precision="bf16")
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
     built = time.time() - began

@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from common import device_label, reference_corpus, save
+from common import device_label, population_configs, reference_corpus, save
 
 from ufw.config import preset
 from ufw.train import Population
@@ -46,11 +46,8 @@ def timed(run_epoch, epochs: int, device: str):
 def measure_population(K: int, corpus, device: str, epochs: int, graphs: bool,
                        compile: bool = False, precision: str = "fp32",
                        attention: str = "auto") -> dict:
-    # Different seeds and LRs, one shape; patience high so no member stops during timing.
-    configs = [preset("asymmetric_best").with_overrides(
-        {"seed": k, "lr": 1e-3 * (1 + k % 4) / 2, "patience": 100}) for k in range(K)]
-    population = Population(configs, corpus, device, cuda_graphs=graphs, compile=compile,
-                            precision=precision, attention=attention)
+    population = Population(population_configs(K), corpus, device, cuda_graphs=graphs,
+                            compile=compile, precision=precision, attention=attention)
     seconds, peak, rows = timed(population.run_epoch, epochs, device)
     return {"mode": "single" if K == 1 else "population", "K": K, "cuda_graphs": graphs,
             "compile": compile, "precision": precision,
