@@ -197,7 +197,10 @@ class ResultsWriter:
 
     def part(self, kind: str, trial_id: str, number: int | None = None) -> str:
         """The trial's last part, or its part `number` (written with that checkpoint)."""
-        name = trial_id if number is None else f"{trial_id}.{number}"
+        return self._named(kind, trial_id if number is None else f"{trial_id}.{number}")
+
+    def _named(self, kind: str, name: str) -> str:
+        """The part `<name>` (`<trial_id>` or `<trial_id>.<n>`, see `_part_names`)."""
         return join(self.dir(kind), f"part-{name}.parquet")
 
     def write(self, trial_id: str, rows: list[dict], epoch_rows: list[dict],
@@ -227,8 +230,7 @@ class ResultsWriter:
         """Columns of the sweep's existing parts, so that a new part matches them."""
         for name in sorted(self._part_names(kind)):
             try:
-                return list(pq.read_schema(join(self.dir(kind), f"part-{name}.parquet"),
-                                           filesystem=self.fs).names)
+                return list(pq.read_schema(self._named(kind, name), filesystem=self.fs).names)
             except (OSError, pa.ArrowInvalid):
                 continue
         return []
@@ -282,13 +284,12 @@ class ResultsWriter:
         for kind in (TRIALS, EPOCHS):
             for name in sorted(self._part_names(kind)):
                 try:
-                    pq.read_metadata(join(self.dir(kind), f"part-{name}.parquet"),
-                                     filesystem=self.fs)
+                    pq.read_metadata(self._named(kind, name), filesystem=self.fs)
                 except (OSError, pa.ArrowException) as e:
                     damaged.setdefault(name, f"{kind} part: {str(e).splitlines()[0]}")
         for name in damaged:
             for kind in (TRIALS, EPOCHS):
-                path = join(self.dir(kind), f"part-{name}.parquet")
+                path = self._named(kind, name)
                 if self.fs.get_file_info(path).type == pafs.FileType.File:
                     self.fs.move(path, join(self.dir(kind), f"_damaged-part-{name}.parquet"))
         return damaged

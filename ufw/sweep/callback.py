@@ -123,8 +123,9 @@ class _SweepCallback:
                     if row["status"] == "running":
                         row.update(status="pruned", ended_at=time.time())
         else:
-            rows = self._unrecorded_failed_rows(trial, "trial ended without a final result",
-                                                {"trial_id": trial.trial_id})
+            rows = unrecorded_failed_rows(self.writer, self.spec, trial.trial_id, trial.config,
+                                          "trial ended without a final result",
+                                          {"trial_id": trial.trial_id})
             epoch_rows, error, number = [], "ended without a final result", None
         if self._write(trial, rows, epoch_rows, number):
             self._progress(trial.trial_id, rows, error)
@@ -140,13 +141,10 @@ class _SweepCallback:
         error = trial_error(trial)
         location = getattr(getattr(trial, "temporary_state", None), "location", None)
         extra = {"trial_id": trial.trial_id, "node": getattr(location, "hostname", None)}
-        rows = self._unrecorded_failed_rows(trial, error, extra)
+        rows = unrecorded_failed_rows(self.writer, self.spec, trial.trial_id, trial.config,
+                                      error, extra)
         if self._write(trial, rows, [], None):
             self._progress(trial.trial_id, rows, error)
-
-    def _unrecorded_failed_rows(self, trial, error: str, extra: dict[str, Any]) -> list[dict]:
-        return unrecorded_failed_rows(self.writer, self.spec, trial.trial_id, trial.config,
-                                      error, extra)
 
     def _stop_if_out_of_space(self, trial) -> None:
         """A trial that could not save its checkpoint for lack of space did nothing wrong:
