@@ -45,7 +45,7 @@ def main() -> None:
                "--name", "bench", "--train-file", str(SHARED / "test.txt"),
                "--val-file", str(SHARED / "valid.txt"), "--train-chars", "100000",
                "--val-chars", "10000", *shlex.split(args.sweep_args)]
-    start = time.perf_counter()
+    start, launched = time.perf_counter(), time.time()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - start
     trials = pd.read_parquet(results / "bench" / "trials")
@@ -77,6 +77,12 @@ def main() -> None:
                                                   - per_trial["setup"] - per_trial["train"]
                                                   - per_trial["report"]).sum()),
                  "no_trial_running_seconds": float(wall - busy),
+                 # of which: from the launch to the first trial's set-up (the driver's imports,
+                 # Ray's start, Tune's, the study's first asks, the trial processes' imports),
+                 # and from the last trial's end to the driver's exit
+                 "launch_to_first_trial_seconds": float(per_trial["started"].min() - launched),
+                 "last_trial_to_exit_seconds": float(launched + wall
+                                                     - per_trial["finished"].max()),
                  "first_epoch_excess_seconds": first_epoch_excess}
     record = {"device": device_label("cuda" if args.gpus else "cpu"), "gpus": args.gpus,
               "trials": len(trials),
