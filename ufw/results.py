@@ -220,20 +220,25 @@ class ResultsWriter:
     def _write(self, kind: str, path: str, rows: list[dict]) -> None:
         directory = self.dir(kind)
         self.fs.create_dir(directory, recursive=True)
-        columns = self._known_columns(kind)
-        table = to_table(rows, columns)
+        known = self._known_schema(kind)
+        # A part without rows (a trial that got nothing to train, or whose rows all went in
+        # numbered parts) takes the others' types: inferred from no values, they would clash.
+        table = (known.empty_table() if known is not None and not rows
+                 else to_table(rows, known.names if known is not None else None))
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
         write_atomically(self.fs, path, buffer.getvalue().to_pybytes())
 
-    def _known_columns(self, kind: str) -> list[str]:
-        """Columns of the sweep's existing parts, so that a new part matches them."""
+    def _known_schema(self, kind: str) -> pa.Schema | None:
+        """The schema of one of the sweep's existing parts, so that a new part matches it."""
         for name in sorted(self._part_names(kind)):
             try:
-                return list(pq.read_schema(self._named(kind, name), filesystem=self.fs).names)
+                schema = pq.read_schema(self._named(kind, name), filesystem=self.fs)
             except (OSError, pa.ArrowInvalid):
                 continue
-        return []
+            if len(schema):  # not a part written without rows or columns
+                return schema
+        return None
 
     def _part_names(self, kind: str) -> set[str]:
         """`<trial_id>` and `<trial_id>.<n>` of every part of `kind`."""

@@ -37,6 +37,8 @@ from typing import Any
 
 HOLDER = "ufw_holder"
 ORPHAN = "ufw_orphan"
+COHORT = "ufw_cohort"  # the Ray trial whose first configurations these are
+SEED_STRIDE = 1000  # sampler seeds per trial of a resumed study: above its replicas' (< 1000)
 PRUNERS = ("none", "asha", "hyperband", "median")
 
 
@@ -91,6 +93,12 @@ class StudyService:
         self.study = self.space.create_study(journal_storage(study_file, self.journal),
                                              study_name)
         self.study.pruner = make_pruner(pruning)
+        # A resumed study's sampler draws on from a seed of its own, not again from the
+        # space's seed: a seeded sampler (and its replicas) would repeat the draws it made
+        # before the driver stopped. Each start's seeds lie above every earlier start's.
+        seed_offset = SEED_STRIDE * len(self.study.trials)
+        if seed_offset:
+            self.study.sampler = self.space.make_sampler(seed_offset)
         self.num_samples = num_samples
         self._lock = threading.Lock()
         # Where the actor's time goes, per phase: [calls, seconds] (`load`).
@@ -104,7 +112,7 @@ class StudyService:
         self.replicas: list[Any] = []
         self._sent: list[set[int]] = []  # per replica: the finished trials it has
         if replicas >= 2 and self.space.sampler["type"] == "tpe":
-            self.replicas = start_replicas(space, replicas)
+            self.replicas = start_replicas(space, replicas, seed_offset)
             self._sent = [set() for _ in self.replicas]
 
     # ------------------------------------------------------------------ asking
@@ -136,6 +144,27 @@ class StudyService:
             return asked
         finally:
             self._lock.release()
+
+    def cohort(self, holder: str, n: int) -> list[tuple[int, dict[str, Any]]]:
+        """A Ray trial's first n configurations, asked when it first starts. A trial that
+        starts over from nothing (retried, or its sweep resumed, before its first checkpoint)
+        gets the same ones again, told or not: their rows were lost with it. Anything else it
+        held (refills) is an orphan."""
+        import optuna
+
+        with self._lock:
+            mine = [t for t in self.study.get_trials(deepcopy=False)
+                    if t.user_attrs.get(COHORT) == holder]
+        if mine:
+            points = [(t.number, self.space.sample(optuna.trial.FixedTrial(t.params)))
+                      for t in mine]
+        else:
+            points = self.ask(n, holder)
+            with self._lock:
+                for number, _ in points:
+                    self._trial(number).set_user_attr(COHORT, holder)
+        self.hold(holder, [number for number, _ in points])  # (and flushes the journal)
+        return points
 
     def _draw_in_replicas(self, n: int) -> list[dict[str, Any]] | None:
         """n configurations drawn by the replicas at once, each sent the finished trials it
@@ -316,14 +345,14 @@ def replicas_for_this_machine() -> int:
     return min(4, (os.cpu_count() or 1) // 4) if (os.cpu_count() or 1) >= 8 else 0
 
 
-def start_replicas(space: dict[str, Any], count: int) -> list[Any]:
+def start_replicas(space: dict[str, Any], count: int, seed_offset: int = 0) -> list[Any]:
     """`count` SamplerReplica actors on this node, each with its own stream of draws."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return [ray.remote(SamplerReplica).options(num_cpus=0, scheduling_strategy=here)
-            .remote(space, i + 1) for i in range(count)]
+            .remote(space, seed_offset + i + 1) for i in range(count)]
 
 
 def start_service(plan_spec: dict[str, Any], space: dict[str, Any], study_file: str,
