@@ -103,58 +103,48 @@ def test_budget_holders_and_orphans(tmp_path):
         "COMPLETE", "FAIL"]
 
 
-def test_a_trial_that_starts_over_gets_its_first_cohort_again_and_a_resume_draws_anew(
-        tmp_path):
-    """A Ray trial asks for its cohort when it starts; started again from nothing (failed
-    before its first checkpoint, or its sweep resumed) it gets the same configurations, told
-    or not, and what else it held goes back to the budget. A resumed study's seeded sampler
-    does not draw again what it drew before."""
+def test_a_resumed_study_does_not_draw_again_what_it_drew_before(tmp_path):
+    """A seeded sampler restarted with the sweep (--resume) would repeat its first draws:
+    the resumed study actor draws from a seed of its own."""
     study = service(tmp_path, 6)
-    first = study.cohort("trial-a", 2)
-    assert len(first) == 2 and study.remaining() == 4
-    study.tell([(first[0][0], [3.0])])
-    refill = study.ask(1, "trial-a")  # held by trial-a, after which it failed
-    assert study.cohort("trial-a", 2) == first  # the told one too: its rows were lost
-    trials = load_study(str(tmp_path / "study.journal")).trials
-    assert trials[refill[0][0]].user_attrs.get(ORPHAN) and study.remaining() == 4
-    drawn = [values for _, values in first + study.ask(2, "trial-b")]
+    drawn = [values for _, values in study.ask(3, "trial-a")]
     resumed = service(tmp_path, 6, resume=True)
-    assert resumed.cohort("trial-a", 2) == first
-    again = [values for _, values in resumed.ask(2, "trial-c")]
-    assert len(again) == 2 and not [v for v in again if v in drawn]
+    again = [values for _, values in resumed.ask(3, "trial-b")]
+    assert len(again) == 3 and not [v for v in again if v in drawn]
 
 
-def test_cohort_searcher_draws_nothing_and_finishes_once_the_budget_is_spent(ray_local,
-                                                                             tmp_path):
-    """Tune creates a trial when it calls suggest, maybe long before it runs (on a cluster,
-    every trial at once): the searcher hands out no configurations, so none is drawn before
-    results can reach the sampler; each trial asks for its cohort when it starts."""
-    import ray
-
+def test_cohort_searcher_state_is_json_and_restores(ray_local, tmp_path):
     from ufw.sweep.study_service import start_service
 
     space = parse_space(SPACE)
     actor = start_service({"sweep": "js"}, space.to_dict(), str(tmp_path / "study.journal"),
                           5, False)  # (a handle must be held, as the driver does)
     searcher = sweep.CohortSearcher(space, "js", 2)
-    first = searcher.suggest("a")
-    assert first == {"members": [], "numbers": []}
-    assert [searcher.suggest(t) for t in "bcd"] == [first] * 3  # created, nothing drawn
-    assert ray.get(actor.remaining.remote()) == 5
+    first = suggest_when_ready(searcher, "a")
+    assert len(first["members"]) == 2 and len(first["numbers"]) == 2
     searcher.save(str(tmp_path / "searcher.json"))
     with open(tmp_path / "searcher.json") as f:
-        assert list(json.load(f)["pending"]) == list("abcd")  # JSON, not a pickle
-    # The driver is killed and resumed: a searcher restored from its JSON gives a trial it
-    # had created the same config; the running trials (here: asks) spend the budget.
+        assert list(json.load(f)["pending"]) == ["a"]  # JSON, not a pickle
+    # The driver is killed and resumed: a new study actor over the same journal, and a
+    # searcher restored from its JSON, which hands the pending trial the same points.
+    actor = start_service({"sweep": "js"}, space.to_dict(), str(tmp_path / "study.journal"),
+                          5, True)
     restored = sweep.CohortSearcher(space, "js", 2)
     restored.restore(str(tmp_path / "searcher.json"))
-    assert restored.suggest("a") == first
-    assert len(ray.get(actor.ask.remote(2, "a"))) == 2
-    assert restored.suggest("e") == first
-    assert len(ray.get(actor.ask.remote(9, "b"))) == 3  # never more than num_samples
-    assert restored.suggest("f") == "FINISHED"
-    assert restored.suggest("g") == "FINISHED"
+    assert restored.suggest("a") == first  # the same pending points
+    assert len(suggest_when_ready(restored, "b")["members"]) == 2
+    assert len(suggest_when_ready(restored, "c")["members"]) == 1  # 5 = 2 + 2 + 1
+    assert suggest_when_ready(restored, "d") == "FINISHED"
     del actor
+
+
+def suggest_when_ready(searcher, trial_id: str, tries: int = 600):
+    """What Tune does: ask again while the searcher answers None (its cohort is being asked)."""
+    for _ in range(tries):
+        suggestion = searcher.suggest(trial_id)
+        if suggestion is not None:
+            return suggestion
+    raise AssertionError("the cohort never became ready")
 
 
 PRUNED_SPACE = """
@@ -258,6 +248,8 @@ def test_pruned_sweep_killed_and_resumed_keeps_every_configuration_once(ray_loca
     driver.wait_for(lambda: any((results / name / "ray").glob("*/checkpoint_*")))
     assert driver.kill()
     driver.finish()
+    # --address, no --max-concurrent: every trial and its cohort at once, and it says so
+    assert "Optuna samples every configuration before any result" in driver.errors
     driver = Driver(*base, "--resume")
     driver.wait_for(lambda: count(results, name, "epochs") > 0)
     driver.kill()

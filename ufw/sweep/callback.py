@@ -225,12 +225,8 @@ class _SweepCallback:
             what = f"{metric} {trial_best:.4g}"
             if failed:
                 what += f" ({len(failed)}/{len(rows)} members failed: {failed[0].get('error')})"
-        elif failed:
-            what = f"failed: {failed[0].get('error')}"
-        elif self.spec.get("refill") and not self._ended.get(trial_id):
-            what = "nothing left to train"  # it started once the others had spent the budget
         else:
-            what = "failed: no finite result"
+            what = f"failed: {failed[0].get('error') if failed else 'no finite result'}"
         best = f"{self._best:.4g}" if self._best is not None else "-"
         eta_text = _fmt_seconds(eta) if math.isfinite(eta) else "?"
         print(f"[{self.spec['sweep']}] {trials} | {trial_id} {what} | best so far {best}"

@@ -302,6 +302,12 @@ def _run_locked(plan: Plan, lock: SweepLock) -> int:
               f"cohort {plan.cohort} -> {at_most}{plan.num_trials} trials; results in "
               f"{plan.sweep_uri}",
               flush=True)
+        if plan.address and plan.study_actor and not plan.max_concurrent and plan.num_trials > 1:
+            print(f"[{plan.name}] note: with --address and no --max-concurrent all "
+                  f"{plan.num_trials} trials are submitted at once, each with its cohort: "
+                  f"Optuna samples every configuration before any result, and none is left to "
+                  f"refill freed slots with; --max-concurrent N (the trials the cluster runs "
+                  f"at once) lets it learn as it goes", file=sys.stderr, flush=True)
         tuner = make_tuner(plan)
     service = None
     if plan.study_actor:  # the study, where every trial reaches it

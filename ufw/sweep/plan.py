@@ -104,7 +104,7 @@ class Plan:
                 "compile": self.compile, "checkpoint_seconds": self.checkpoint_seconds,
                 "source_sweep": self.source_sweep, "pruning": self.pruning,
                 "report_rows": self.ray_scheduler, "num_samples": self.num_samples,
-                "cohort": self.cohort, "refill": self.refill}
+                "refill": self.refill}
 
 
 def build_parser() -> cli.ArgumentParser:

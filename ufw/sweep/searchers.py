@@ -23,20 +23,19 @@ class DefineByRun:
 
 
 class _CohortSearcher:
-    """Starts the Ray trials of a cohort sweep; each asks the sweep's study actor for its
-    cohort of configurations when it starts (ufw/sweep/trainable.py), not here.
+    """Hands each Ray trial a cohort of configurations asked from the sweep's study actor.
 
     The study, its sampler and the budget of `num_samples` live in the StudyService actor
     (ufw/sweep/study_service.py), which the trials reach too (per-epoch pruning, refills).
-    Tune creates a trial when it calls `suggest`, which can be long before the trial runs: on
-    a cluster (--address) every trial is created at once and waits for resources (an
-    autoscaler sizes the cluster to them). Had each been handed its cohort here, the whole
-    budget would be drawn before any result reached the sampler (TPE no better than random
-    draws) and nothing left for running trials to refill their freed slots with. A trial that
-    starts once the budget is spent asks, gets nothing and ends.
+    Asking is slow once a study is large (TPE refits its estimators for every parameter of
+    every configuration: seconds per cohort after a thousand trials), and the driver thread
+    that would wait for it also serves every running trial's reports: `suggest` returns None
+    (Tune asks again shortly) while the cohort is still being asked. Running trials refill
+    their freed slots from the same budget (ufw/sweep/trainable.py), so a cohort is asked only
+    when Tune starts a trial, never ahead: one asked ahead would wait unused while they refill.
 
-    Its state is JSON (`save`/`restore`): which Ray trials it started. The study itself is in
-    its journal file; nothing here is pickled by ufw.
+    Its state is JSON (`save`/`restore`): which Ray trial holds which Optuna trials. The
+    study itself is in its journal file; nothing here is pickled by ufw.
     `CohortSearcher` is this on top of ray.tune.search.Searcher (see `__getattr__` below).
     """
 
@@ -47,7 +46,8 @@ class _CohortSearcher:
                          mode=modes if len(modes) > 1 else modes[0])
         self.sweep = sweep
         self.cohort = cohort
-        self.pending: dict[str, list[list]] = {}  # Ray trial id -> [] (asked when it starts)
+        self.pending: dict[str, list[list]] = {}  # Ray trial id -> [[number, values], ...]
+        self._asking = None  # the cohort being asked: a Ray object ref
         self._finished = False
 
     def _service(self):
@@ -58,13 +58,25 @@ class _CohortSearcher:
     def suggest(self, trial_id: str) -> dict | None:
         import ray
 
-        if trial_id in self.pending:  # asked again for the same trial: the same config
+        if trial_id in self.pending:  # asked again for the same trial: the same points
             return cohort_config(self.pending[trial_id])
-        if self._finished or ray.get(self._service().remaining.remote()) <= 0:
-            self._finished = True  # the budget is spent (running trials refill from it)
+        if self._finished:
             return "FINISHED"  # Searcher.FINISHED
-        self.pending[trial_id] = []
-        return cohort_config([])
+        if self._asking is None:
+            self._asking = self._service().ask.remote(self.cohort, "searcher")
+        # With none of its trials running (the sweep's start and end) the driver has no
+        # reports to serve, and Tune would sleep a second after each None: wait for the ask.
+        ready, _ = ray.wait([self._asking], timeout=0.05 if self.pending else None)
+        if not ready:
+            return None
+        points = [list(p) for p in ray.get(self._asking)]
+        self._asking = None
+        if not points:  # the budget is spent (refills may have used it)
+            self._finished = True
+            return "FINISHED"
+        ray.get(self._service().hold.remote(trial_id, [n for n, _ in points]))
+        self.pending[trial_id] = points
+        return cohort_config(points)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -82,10 +94,16 @@ class _CohortSearcher:
         self.pending = {k: [list(p) for p in v] for k, v in state["pending"].items()}
         self._finished = state["finished"]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Ray Tune keeps this object in its experiment state: without the pending ask."""
+        return {k: v for k, v in self.__dict__.items() if k != "_asking"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _asking=None)
+
 
 def cohort_config(points: list[list]) -> dict[str, Any]:
-    """A Ray trial's config for a cohort: the sampled values and their Optuna numbers (none:
-    the trial asks for its cohort when it starts)."""
+    """A Ray trial's config for a cohort: the sampled values and their Optuna numbers."""
     return {MEMBERS: [values for _, values in points],
             NUMBERS: [number for number, _ in points]}
 

@@ -37,7 +37,6 @@ from typing import Any
 
 HOLDER = "ufw_holder"
 ORPHAN = "ufw_orphan"
-COHORT = "ufw_cohort"  # the Ray trial whose first configurations these are
 SEED_STRIDE = 1000  # sampler seeds per trial of a resumed study: above its replicas' (< 1000)
 PRUNERS = ("none", "asha", "hyperband", "median")
 
@@ -144,27 +143,6 @@ class StudyService:
             return asked
         finally:
             self._lock.release()
-
-    def cohort(self, holder: str, n: int) -> list[tuple[int, dict[str, Any]]]:
-        """A Ray trial's first n configurations, asked when it first starts. A trial that
-        starts over from nothing (retried, or its sweep resumed, before its first checkpoint)
-        gets the same ones again, told or not: their rows were lost with it. Anything else it
-        held (refills) is an orphan."""
-        import optuna
-
-        with self._lock:
-            mine = [t for t in self.study.get_trials(deepcopy=False)
-                    if t.user_attrs.get(COHORT) == holder]
-        if mine:
-            points = [(t.number, self.space.sample(optuna.trial.FixedTrial(t.params)))
-                      for t in mine]
-        else:
-            points = self.ask(n, holder)
-            with self._lock:
-                for number, _ in points:
-                    self._trial(number).set_user_attr(COHORT, holder)
-        self.hold(holder, [number for number, _ in points])  # (and flushes the journal)
-        return points
 
     def _draw_in_replicas(self, n: int) -> list[dict[str, Any]] | None:
         """n configurations drawn by the replicas at once, each sent the finished trials it

@@ -27,7 +27,6 @@ from ufw.config import ConfigError
 from ufw.data import load_corpus
 from ufw.sweep.cohort import Cohort
 from ufw.sweep.members import (
-    NUMBERS,
     SPEC,
     TRIAL_TIMES,
     expand_members,
@@ -39,7 +38,6 @@ from ufw.sweep.members import (
     trial_numbers,
     trial_points,
 )
-from ufw.sweep.searchers import cohort_config
 from ufw.sweep.study_service import find_service
 
 HEAVY_KEYS = ("rows", "epoch_rows")  # final-result keys the driver removes once written
@@ -110,9 +108,10 @@ def _train_members(config: dict[str, Any]) -> None:
                           precision=spec.get("precision", "fp32"))
 
     cohort = Cohort(spec, make_population)
-    # Cohort trials reach the sweep's study actor (their cohort, per-epoch pruning, tells,
-    # refills); with one configuration per trial the study is Ray Tune's OptunaSearch's.
-    service = find_service(spec["sweep"]) if NUMBERS in config else None
+    numbers = trial_numbers(config)
+    # Cohort trials reach the sweep's study actor (per-epoch pruning, tells, refills);
+    # with one configuration per trial the study is Ray Tune's OptunaSearch's.
+    service = find_service(spec["sweep"]) if any(n is not None for n in numbers) else None
     refilling = service is not None and spec.get("refill", False)  # plan.spec() says
     pruning = refilling and spec["pruning"]["pruner"] != "none"
     epoch_rows: list[dict[str, Any]] = []  # not yet sent to the driver
@@ -133,11 +132,7 @@ def _train_members(config: dict[str, Any]) -> None:
         # Retried (a failure, a lost node) or resumed: how many epochs the checkpoint held.
         extra["resumed_from_epoch"] = max((p.epoch for p in cohort.populations), default=0)
     else:
-        if service is not None and not config[NUMBERS]:  # asked now that the trial runs
-            asked = ray.get(service.cohort.remote(trial_id, spec["cohort"]))
-            config.update(cohort_config(asked))  # what a failure's rows are built from
-            refill.exhausted = len(asked) < spec["cohort"]
-        cohort.add(trial_points(config), trial_numbers(config))
+        cohort.add(trial_points(config), numbers)
     if service is not None:  # what it holds now; refills asked after its checkpoint: orphans
         held = [n for n in cohort.numbers if n is not None] + [n for n, _ in refill.spare]
         ray.get(service.hold.remote(trial_id, held))
