@@ -281,8 +281,8 @@ def test_results_writer_replaces_a_trials_part_atomically(tmp_path):
     assert len(read_trials(str(tmp_path / "s"))) == 2
     schemas = [pq.read_schema(p) for p in (tmp_path / "s" / "trials").glob("part-*")]
     assert schemas[0].equals(schemas[1])
-    # A part without rows (a trial that got nothing to train) keeps the others' types too:
-    # a column of ints would clash with one of no values inferred as text.
+    # A part without rows (a refilling trial's last part when its rows all went in numbered
+    # parts) keeps the others' types too: ints would clash with no values inferred as text.
     writer.write("t3", [{**row, "trial_id": "t3", "resumed_from_epoch": 2}], [])
     (tmp_path / "s" / "trials" / "part-t1.parquet").unlink()
     (tmp_path / "s" / "trials" / "part-t2.parquet").unlink()

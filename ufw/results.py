@@ -221,10 +221,12 @@ class ResultsWriter:
         directory = self.dir(kind)
         self.fs.create_dir(directory, recursive=True)
         known = self._known_schema(kind)
-        # A part without rows (a trial that got nothing to train, or whose rows all went in
-        # numbered parts) takes the others' types: inferred from no values, they would clash.
-        table = (known.empty_table() if known is not None and not rows
-                 else to_table(rows, known.names if known is not None else None))
+        if known is not None and not rows:
+            # e.g. a refilling trial's last part when all its rows went in numbered parts:
+            # types inferred from no values (text) would clash with the other parts'
+            table = known.empty_table()
+        else:
+            table = to_table(rows, known.names if known is not None else None)
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
         write_atomically(self.fs, path, buffer.getvalue().to_pybytes())
